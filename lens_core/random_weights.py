@@ -25,29 +25,32 @@ from .vae import Flux2VAE, VAEConfig
 
 
 def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Fill every floating parameter/buffer of ``model`` in place from a seeded CPU generator.
+    """Fill every floating parameter/buffer of ``model`` in place from a generator seeded per device.
 
     Matrices get N(0, 1/fan_in); 1-D ``weight``s (norm scales) 1 + N(0, 0.1^2); other 1-D
     tensors (biases, sinks, BN means) N(0, 0.05^2); BN variances U(0.5, 2).
     """
-    g = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     with torch.no_grad():
         for name, t in tensors.items():
             if not t.is_floating_point():
                 continue
+            if t.device not in generators:  # draw on the tensor's device: full-size models stay on the GPU
+                generators[t.device] = torch.Generator(device=t.device).manual_seed(seed)
+            kw = {"generator": generators[t.device], "device": t.device}
             if name.endswith("running_var"):
-                v = torch.rand(t.shape, generator=g) * 1.5 + 0.5
+                v = torch.rand(t.shape, **kw) * 1.5 + 0.5
             elif t.ndim == 1 and name.endswith("weight"):
-                v = 1 + 0.1 * torch.randn(t.shape, generator=g)
+                v = 1 + 0.1 * torch.randn(t.shape, **kw)
             elif t.ndim == 1:
-                v = 0.05 * torch.randn(t.shape, generator=g)
+                v = 0.05 * torch.randn(t.shape, **kw)
             elif name.endswith("embed_tokens.weight"):
-                v = torch.randn(t.shape, generator=g)
+                v = torch.randn(t.shape, **kw)
             else:
                 fan_in = t.shape[-2] if name.endswith(("gate_up_proj", "down_proj")) else math.prod(t.shape[1:])
-                v = torch.randn(t.shape, generator=g) / math.sqrt(fan_in)
+                v = torch.randn(t.shape, **kw) / math.sqrt(fan_in)
             t.copy_(v)
     return model
 
