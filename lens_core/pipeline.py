@@ -87,7 +87,8 @@ class LensPipeline:
             beside the encoder, then falls back to the bundled o200k_harmony.
         device: ``cuda``/``cpu``/...; default: CUDA when available.
         dtype: weights and compute dtype; default bf16 on accelerators, fp32 on CPU.
-        offload: keep idle components in host memory (on by default).
+        offload: on by default. On an accelerator, idle components wait in host memory; on the
+            CPU, each component is dropped once its stage is done (reloaded from disk next call).
         operations: the layer factory for all three models (``quant`` swaps in quantised layers).
     """
 
@@ -104,7 +105,7 @@ class LensPipeline:
     ) -> None:
         self.device = pick_device(device)
         self.dtype = dtype or default_dtype(self.device)
-        self.offload = offload and self.device.type != "cpu"
+        self.offload = offload
         self.operations = operations
         given = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
         self.paths = {c: component_path(p if p is not None else DEFAULT_MODEL_DIR, c) for c, p in given.items()}
@@ -135,15 +136,21 @@ class LensPipeline:
         model = self._models.get(name)
         if model is None:
             model = self._models[name] = self._load(name)
-        if self.offload:
+        moves = self.offload and self.device.type != "cpu"
+        if moves:
             model.to(self.device)
         try:
             yield model
         finally:
-            if self.offload:
+            if moves:
                 model.to("cpu")
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+
+    def _stage_done(self, name: str) -> None:
+        """With offload on the CPU, free a component as soon as its stage is over."""
+        if self.offload and self.device.type == "cpu":
+            self.release(name)
 
     def release(self, name: str | None = None) -> None:
         """Drop a component (or all) from memory; it is reloaded from disk when next needed."""
@@ -252,14 +259,13 @@ class LensPipeline:
             uncond = self._negative_conditioning(negatives, cond)
         cond = _repeat(cond, n)
         uncond = _repeat(uncond, n) if uncond is not None else None
-        if self.offload:
-            self.release("text_encoder")
+        self._stage_done("text_encoder")
 
         noise = initial_noise(len(prompts) * n, height, width, seed)
         latents = self.denoise(cond, uncond, noise, grid_hw, steps, cfg, callback)
-        if self.offload:
-            self.release("transformer")
+        self._stage_done("transformer")
         images = to_pil(self.decode(latents, grid_hw))
+        self._stage_done("vae")
         settings = [
             {
                 "prompt": prompts[i // n],

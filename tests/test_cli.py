@@ -71,7 +71,7 @@ def test_missing_model_file_is_a_clear_error(tmp_path, capsys):
 
 
 def test_cfg_batches_cond_and_uncond_and_cfg1_skips_uncond(tiny_pipeline):
-    pipe = LensPipeline.from_pretrained(tiny_pipeline, device="cpu")
+    pipe = LensPipeline.from_pretrained(tiny_pipeline, device="cpu", offload=False)
     batches = []
     with pipe.use("transformer") as mmdit:
         hook = mmdit.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
@@ -121,9 +121,11 @@ def test_console_script_runs(tmp_path, tiny_pipeline):
     assert out.exists() and "seed 0" in r.stdout
 
 
-@pytest.mark.parametrize("device", ["cpu"])
-def test_python_api_returns_settings(tiny_pipeline, device):
-    pipe = LensPipeline.from_pretrained(tiny_pipeline, device=device)
+@pytest.mark.parametrize("offload", [True, False])
+def test_python_api_returns_settings_and_frees_components(tiny_pipeline, offload):
+    pipe = LensPipeline.from_pretrained(tiny_pipeline, device="cpu", offload=offload)
     out = pipe("hello", steps=1, width=32, height=32, seed=5, num_images_per_prompt=2)
     assert len(out.images) == 2 and out.latents.shape == (2, 4, 128)
     assert [s["batch_index"] for s in out.settings] == [0, 1] and out.settings[0]["seed"] == 5
+    # With offload on the CPU each component is freed after its stage; otherwise all stay loaded.
+    assert set(pipe._models) == (set() if offload else {"text_encoder", "transformer", "vae"})
