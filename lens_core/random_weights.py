@@ -70,7 +70,7 @@ def tiny_configs(encoder_hidden: int = 32) -> tuple[MMDiTConfig, GptOssConfig, V
     return mmdit, encoder, vae
 
 
-def _mmdit_json(config: MMDiTConfig) -> dict:
+def mmdit_config_json(config: MMDiTConfig) -> dict:
     return {
         "_class_name": "LensTransformer2DModel", "patch_size": config.patch_size, "in_channels": config.in_channels,
         "out_channels": config.out_channels, "num_layers": config.num_layers,
@@ -81,7 +81,7 @@ def _mmdit_json(config: MMDiTConfig) -> dict:
     }
 
 
-def _encoder_json(config: GptOssConfig) -> dict:
+def encoder_config_json(config: GptOssConfig) -> dict:
     return {
         "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
@@ -95,7 +95,7 @@ def _encoder_json(config: GptOssConfig) -> dict:
     }
 
 
-def _vae_json(config: VAEConfig) -> dict:
+def vae_config_json(config: VAEConfig) -> dict:
     return {
         "_class_name": "AutoencoderKLFlux2", "in_channels": config.in_channels, "out_channels": config.out_channels,
         "latent_channels": config.latent_channels, "block_out_channels": list(config.block_out_channels),
@@ -157,7 +157,7 @@ def write_random_pipeline(
     if mxfp4:
         states["text_encoder"] = mxfp4_experts(states["text_encoder"])
     files = {"transformer": "diffusion_pytorch_model", "text_encoder": "model", "vae": "diffusion_pytorch_model"}
-    jsons = {"transformer": _mmdit_json(configs[0]), "text_encoder": _encoder_json(configs[1]), "vae": _vae_json(configs[2])}
+    jsons = {"transformer": mmdit_config_json(configs[0]), "text_encoder": encoder_config_json(configs[1]), "vae": vae_config_json(configs[2])}
     for name, state in states.items():
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
