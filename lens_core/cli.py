@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .errors import LensError
 from .image_io import save_png
 from .pipeline import LensPipeline
+from .reasoner import ReasonerSettings
 from .resolution import ASPECT_RATIOS, BUCKETS
 from .sampling import PRESETS
 
@@ -44,7 +45,28 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     g.add_argument("--no-offload", action="store_true", help="keep all components on the accelerator")
+    r = g.add_argument_group("reasoner (rewrites the prompt into a dense description before encoding)")
+    r.add_argument("--reasoner", choices=["off", "local", "api"], default="off",
+                   help="local: the loaded GPT-OSS weights; api: an OpenAI-compatible server")
+    r.add_argument("--reasoner-url", default="", help="chat-completions server root, e.g. http://127.0.0.1:8000/v1")
+    r.add_argument("--reasoner-model", default="", help="model name the server expects")
+    r.add_argument("--reasoner-key-env", default="OPENAI_API_KEY", help="NAME of the env variable holding the API key")
+    r.add_argument("--reasoner-system-prompt", help="file with the reasoner's instructions (default: ours)")
+    r.add_argument("--reasoner-on-error", choices=["fail", "passthrough"], default="fail",
+                   help="passthrough: use the prompt unchanged when the reasoner fails")
+    r.add_argument("--reasoner-max-tokens", type=int, default=4096, help="new tokens, analysis included")
     return p
+
+
+def _reasoner_settings(args: argparse.Namespace) -> ReasonerSettings:
+    settings = ReasonerSettings(
+        mode=args.reasoner, api_base_url=args.reasoner_url, api_model=args.reasoner_model,
+        api_key_env=args.reasoner_key_env, system_prompt_file=args.reasoner_system_prompt,
+        on_error=args.reasoner_on_error, max_new_tokens=args.reasoner_max_tokens,
+        seed=args.seed if args.seed is not None else 0,
+    )
+    settings.validate()
+    return settings
 
 
 def _output_paths(output: str, n: int) -> list[Path]:
@@ -57,6 +79,7 @@ def _output_paths(output: str, n: int) -> list[Path]:
 def generate(args: argparse.Namespace) -> list[Path]:
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    reasoner = _reasoner_settings(args)
     pipe = LensPipeline(
         transformer=args.transformer or args.model,
         text_encoder=args.text_encoder or args.model,
@@ -76,7 +99,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         out = pipe(
             args.prompt, args.negative_prompt, preset=args.preset, steps=args.steps, cfg=args.cfg,
             width=args.width, height=args.height, base=args.base, aspect_ratio=args.aspect_ratio,
-            seed=args.seed, num_images_per_prompt=args.batch, callback=progress,
+            seed=args.seed, num_images_per_prompt=args.batch, callback=progress, reasoner=reasoner,
         )
     finally:
         bar.close()
@@ -84,6 +107,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
     for image, settings, path in zip(out.images, out.settings, paths, strict=True):
         save_png(image, path, settings)
         print(f"{path}  (seed {settings['seed']}, {settings['width']}x{settings['height']})")
+        if "refined_prompt" in settings:
+            print(f"  refined prompt: {settings['refined_prompt']}")
     return paths
 
 

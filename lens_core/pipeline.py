@@ -24,6 +24,7 @@ from .image_io import to_pil
 from .loading import component_path, default_dtype, load_mmdit, load_mmdit_config, load_text_encoder, load_vae
 from .ops import DEFAULT_OPS
 from .prompt import empty_features, pad_to_length, split_features, tokenize_prompts
+from .reasoner import PipelineLocalReasoner, ReasonerSettings, refine
 from .resolution import resolve_bucket, validate_size
 from .safetensors_io import TensorSource
 from .sampling import PRESETS, euler_sample, initial_noise
@@ -112,6 +113,7 @@ class LensPipeline:
         self.mmdit_config = load_mmdit_config(self.paths["transformer"])  # headers only
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else _find_tokenizer(self.paths["text_encoder"])
         self._models: dict[str, nn.Module] = {}
+        self._local_reasoner: PipelineLocalReasoner | None = None
 
     @classmethod
     def from_pretrained(cls, root: str | Path, **kwargs: Any) -> LensPipeline:
@@ -227,12 +229,15 @@ class LensPipeline:
         seed: int | None = None,
         num_images_per_prompt: int = 1,
         callback: StepCallback | None = None,
+        reasoner: ReasonerSettings | None = None,
     ) -> LensOutput:
         """Generate ``len(prompts) * num_images_per_prompt`` images (ordered p0, p0, ..., p1, ...).
 
         Size: ``width``/``height`` (multiples of 16) or a bucket ``base`` x ``aspect_ratio`` (W:H).
         ``seed`` fixes the noise exactly as the reference does (CPU generator); None draws one,
-        reported in the settings.
+        reported in the settings. ``reasoner`` rewrites the prompts first (``local``: with this
+        pipeline's GPT-OSS weights; ``api``: an OpenAI-compatible server); the text actually encoded
+        is reported as ``refined_prompt``.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -253,7 +258,8 @@ class LensPipeline:
         n = int(num_images_per_prompt)
         grid_hw = (height // 16, width // 16)
 
-        cond = self.encode_prompt(prompts)
+        refined = self.refine(prompts, reasoner)
+        cond = self.encode_prompt([r.text for r in refined])
         uncond = None
         if cfg != 1.0:
             uncond = self._negative_conditioning(negatives, cond)
@@ -277,6 +283,7 @@ class LensPipeline:
                 "height": height,
                 "seed": seed,
                 "batch_index": i,
+                **_reasoner_settings(refined[i // n], reasoner),
                 "sampler": "euler (flow matching, empirical-mu schedule)",
                 "models": {c: str(p) for c, p in self.paths.items()},
                 "lens_core": __version__,
@@ -285,11 +292,33 @@ class LensPipeline:
         ]
         return LensOutput(images, latents.cpu(), settings)
 
+    def refine(self, prompts: list[str], settings: ReasonerSettings | None):
+        """The prompts after the reasoner (passed through when ``settings`` is None or mode ``off``)."""
+        settings = settings or ReasonerSettings()
+        backend = None
+        if settings.mode == "local":
+            if self._local_reasoner is None:
+                self._local_reasoner = PipelineLocalReasoner(self)
+            backend = self._local_reasoner
+        return refine(prompts, settings, backend)
+
     def _negative_conditioning(self, negatives: list[str], cond: TextConditioning) -> TextConditioning:
         """Empty negatives get zero features and an all-False mask; others are encoded."""
         if all(not neg.strip() for neg in negatives):
             return TextConditioning(*empty_features(cond.feats, cond.mask))
         return self.encode_prompt(negatives)
+
+
+def _reasoner_settings(refined, settings: ReasonerSettings | None) -> dict[str, Any]:
+    """What the PNG records of the reasoner: its mode, model and the text actually encoded (never a key)."""
+    if settings is None or settings.mode == "off":
+        return {}
+    out = {"reasoner": settings.mode, "refined_prompt": refined.text}
+    if settings.mode == "api":
+        out["reasoner_model"] = settings.api_model
+    if refined.fell_back:
+        out["reasoner_warnings"] = list(refined.warnings)
+    return out
 
 
 def _repeat(c: TextConditioning, n: int) -> TextConditioning:

@@ -129,3 +129,31 @@ def test_python_api_returns_settings_and_frees_components(tiny_pipeline, offload
     assert [s["batch_index"] for s in out.settings] == [0, 1] and out.settings[0]["seed"] == 5
     # With offload on the CPU each component is freed after its stage; otherwise all stay loaded.
     assert set(pipe._models) == (set() if offload else {"text_encoder", "transformer", "vae"})
+
+
+def test_cli_reasoner_api_rewrites_prompt_and_records_it(tmp_path, tiny_pipeline, monkeypatch):
+    from tests.test_reasoner_api import KEY, KEY_ENV, ChatServer, ok_reply
+
+    server = ChatServer()
+    server.script = [ok_reply("a large red circle on the left of a small blue square, white background")]
+    monkeypatch.setenv(KEY_ENV, KEY)
+    common = ["--model", tiny_pipeline, "--width", 32, "--height", 32, "--steps", 2, "--seed", 4]
+    try:
+        assert _run(["--prompt", "red circle, blue square", *common, "--output", tmp_path / "r.png",
+                     "--reasoner", "api", "--reasoner-url", server.url, "--reasoner-model", "m",
+                     "--reasoner-key-env", KEY_ENV]) == 0
+    finally:
+        server.close()
+    s = read_settings(tmp_path / "r.png")
+    assert s["prompt"] == "red circle, blue square" and s["reasoner"] == "api"
+    assert s["refined_prompt"].startswith("a large red circle")
+    assert KEY not in (tmp_path / "r.png").read_bytes().decode("latin-1")
+    # The image is the one the refined prompt gives without a reasoner.
+    assert _run(["--prompt", s["refined_prompt"], *common, "--output", tmp_path / "d.png"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r.png")), np.asarray(Image.open(tmp_path / "d.png")))
+
+
+def test_cli_reasoner_api_needs_an_endpoint(tmp_path, tiny_pipeline, capsys):
+    assert _run(["--prompt", "x", "--model", tiny_pipeline, "--reasoner", "api", "--reasoner-model", "m",
+                 "--output", tmp_path / "o.png"]) == 2
+    assert "api_base_url" in capsys.readouterr().err
