@@ -60,7 +60,7 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _find_tokenizer(encoder_path: Path) -> Tokenizer:
+def find_tokenizer(encoder_path: Path) -> Tokenizer:
     """The tokenizer shipped with the encoder checkpoint, else the bundled o200k_harmony.
 
     A tokenizer that is present but broken raises (TokenizerError); only a missing one falls back.
@@ -111,7 +111,7 @@ class LensPipeline:
         given = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
         self.paths = {c: component_path(p if p is not None else DEFAULT_MODEL_DIR, c) for c, p in given.items()}
         self.mmdit_config = load_mmdit_config(self.paths["transformer"])  # headers only
-        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else _find_tokenizer(self.paths["text_encoder"])
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(self.paths["text_encoder"])
         self._models: dict[str, nn.Module] = {}
         self._local_reasoner: PipelineLocalReasoner | None = None
 

@@ -132,7 +132,7 @@ def test_python_api_returns_settings_and_frees_components(tiny_pipeline, offload
 
 
 def test_cli_reasoner_api_rewrites_prompt_and_records_it(tmp_path, tiny_pipeline, monkeypatch):
-    from tests.test_reasoner_api import KEY, KEY_ENV, ChatServer, ok_reply
+    from .test_reasoner_api import KEY, KEY_ENV, ChatServer, ok_reply
 
     server = ChatServer()
     server.script = [ok_reply("a large red circle on the left of a small blue square, white background")]

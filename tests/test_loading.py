@@ -12,7 +12,8 @@ from lens_core.errors import CheckpointError
 from lens_core.loading import load_mmdit, load_text_encoder, load_vae
 from lens_core.mxfp4 import dequantize_mxfp4
 from lens_core.safetensors_io import TensorSource, save_file_atomic
-from tests.test_vae import to_bfl
+
+from .test_vae import to_bfl
 
 
 def _assert_state_equal(model, expected, prefix=""):

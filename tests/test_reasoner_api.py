@@ -279,7 +279,9 @@ def test_settings_validation():
     with pytest.raises(ValueError, match="api_model"):
         ReasonerSettings(mode="api").validate()
     with pytest.raises(ValueError, match="NAME"):
-        ReasonerSettings(mode="api", api_model="m", api_key_env="sk-123 abc").validate()
+        ReasonerSettings(mode="api", api_model="m", api_base_url="http://127.0.0.1:9/v1", api_key_env="sk-123 abc").validate()
+    with pytest.raises(ValueError, match="needs api_base_url"):  # no default endpoint is ever contacted
+        ReasonerSettings(mode="api", api_model="m").validate()
     with pytest.raises(ValueError, match="http"):
         ReasonerSettings(mode="api", api_model="m", api_base_url="localhost:8000/v1").validate()
     with pytest.raises(ValueError, match="on_error"):

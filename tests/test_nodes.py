@@ -1,0 +1,129 @@
+"""The ComfyUI nodes' ComfyUI-free parts: the package entry point and the layout conversions.
+
+The nodes themselves run against a real ComfyUI server in ``test_nodes_comfyui.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens_core.pipeline import TextConditioning
+from lens_core.prompt import empty_features, pad_to_length
+from lens_core.sampling import initial_noise
+from lens_core.vae import pack_latents
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(relpath: str, name: str, package: bool = False):
+    """Import a repository file by path (works whatever pytest's import mode and rootdir)."""
+    path = REPO / relpath
+    kwargs = {"submodule_search_locations": [str(path.parent)]} if package else {}
+    spec = importlib.util.spec_from_file_location(name, path, **kwargs)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bridge():
+    return _load("nodes/lens_bridge.py", "lens_nodes_bridge_under_test")
+
+
+def test_package_entry_point_needs_no_comfyui():
+    before = set(sys.modules)
+    pkg = _load("__init__.py", "comfyui_lens_package_under_test", package=True)
+    assert inspect.iscoroutinefunction(pkg.comfy_entrypoint)
+    new = set(sys.modules) - before
+    assert not any(m == "comfy" or m.startswith(("comfy.", "comfy_api")) for m in new), sorted(new)
+
+
+def test_nodes_bridge_imports_no_comfyui(bridge):
+    source = (REPO / "nodes" / "lens_bridge.py").read_text()
+    assert "import comfy" not in source and "from comfy" not in source and "folder_paths" not in source
+
+
+def test_conditioning_round_trip(bridge):
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    cond = bridge.conditioning_from_text(feats, mask, (5, 11, 17, 23))
+    assert cond[0][0].shape == (2, 5, 32)
+    assert cond[0][1]["attention_mask"].dtype == torch.long
+    assert cond[0][1]["lens_layers"] == (5, 11, 17, 23)
+    back = bridge.text_from_conditioning(cond, 4)
+    for a, b in zip(back.feats, feats, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(back.mask, mask)
+
+
+def test_conditioning_errors_are_clear(bridge):
+    with pytest.raises(ValueError, match="Lens text encoder"):
+        bridge.context_to_features(torch.zeros(1, 3, 10), 4)
+    with pytest.raises(ValueError, match="empty conditioning"):
+        bridge.text_from_conditioning([], 4)
+
+
+def test_empty_like_conditioning_has_no_tokens(bridge):
+    cond = bridge.conditioning_from_text([torch.ones(1, 3, 2)] * 4, torch.ones(1, 3, dtype=torch.bool), range(4))
+    empty = bridge.empty_like_conditioning(cond)
+    assert empty[0][0].shape == (1, 0, 8) and empty[0][1]["attention_mask"].shape == (1, 0)
+
+
+def test_text_batch_matches_pipeline_batching(bridge):
+    """[cond; uncond] padded to one length, exactly as LensPipeline.denoise builds it."""
+    g = torch.Generator().manual_seed(1)
+    cond = TextConditioning([torch.randn(1, 6, 4, generator=g) for _ in range(4)], torch.ones(1, 6, dtype=torch.bool))
+    uncond = TextConditioning([torch.randn(1, 3, 4, generator=g) for _ in range(4)], torch.ones(1, 3, dtype=torch.bool))
+    feats, mask = bridge.text_batch(cond, uncond, 5.0)
+    c_f, c_m = pad_to_length(cond.feats, cond.mask, 6)
+    u_f, u_m = pad_to_length(uncond.feats, uncond.mask, 6)
+    assert all(torch.equal(f, torch.cat([c, u])) for f, c, u in zip(feats, c_f, u_f, strict=True))
+    assert torch.equal(mask, torch.cat([c_m, u_m]))
+    # no negative = the empty prompt the CLI uses: zero features, all-False mask
+    feats, mask = bridge.text_batch(cond, None, 5.0)
+    e_f, e_m = empty_features(cond.feats, cond.mask)
+    assert all(torch.equal(f, torch.cat([c, e])) for f, c, e in zip(feats, cond.feats, e_f, strict=True))
+    assert torch.equal(mask, torch.cat([cond.mask, e_m]))
+    # an encoded empty prompt (no tokens) pads to the same thing
+    none = TextConditioning([torch.zeros(1, 0, 4)] * 4, torch.zeros(1, 0, dtype=torch.bool))
+    feats2, mask2 = bridge.text_batch(cond, none, 5.0)
+    assert all(torch.equal(a, b) for a, b in zip(feats, feats2, strict=True)) and torch.equal(mask, mask2)
+    # cfg 1: no unconditional rows
+    feats, mask = bridge.text_batch(cond, uncond, 1.0)
+    assert mask.shape == (1, 6)
+
+
+def test_repeat_to_batch_orders_like_the_pipeline(bridge):
+    text = TextConditioning([torch.arange(2.0)[:, None, None].expand(2, 1, 3)], torch.ones(2, 1, dtype=torch.bool))
+    rep = bridge.repeat_to_batch(text, 4)
+    assert rep.feats[0][:, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="cannot be spread"):
+        bridge.repeat_to_batch(text, 3)
+
+
+def test_lens_noise_is_the_cli_noise_in_latent_layout(bridge):
+    noise = bridge.lens_noise(1234, 2, 3, 5)
+    assert noise.shape == (2, 128, 3, 5)
+    assert torch.equal(pack_latents(noise), initial_noise(2, 48, 80, 1234))
+
+
+def test_device_safe_rmsnorm_is_lens_cores_rmsnorm(bridge):
+    from lens_core.layers import RMSNorm
+
+    norm = RMSNorm(16, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    want = norm(x)
+    holder = torch.nn.Sequential(norm)
+    bridge.make_norms_device_safe(holder)
+    assert type(holder[0]) is bridge.DeviceSafeRMSNorm
+    assert torch.equal(holder[0](x), want)

@@ -1,0 +1,107 @@
+"""Flow-matching objective and the shifted logit-normal timestep sampler (training/objective.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lens_core.mmdit import LensMMDiT
+from lens_core.random_weights import randomize_, tiny_configs
+from training.objective import (
+    TimestepConfig,
+    add_noise,
+    flow_matching_loss,
+    interpolate_mu,
+    noise_batch,
+    sample_sigmas,
+    shift_sigmas,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster, and immune to other processes competing for the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_mu_interpolation_points():
+    assert interpolate_mu(256) == pytest.approx(0.5)
+    assert interpolate_mu(4096) == pytest.approx(1.15)
+    assert interpolate_mu(1024) == pytest.approx(0.5 + 0.65 * 768 / 3840)  # the low-res stage
+    assert interpolate_mu(8100) == pytest.approx(0.5 + 0.65 * 7844 / 3840)  # 1440^2: extended linearly
+    cfg = TimestepConfig(shift="fixed", mu=0.7)
+    assert cfg.mu_for(64) == cfg.mu_for(9999) == 0.7
+    assert TimestepConfig(shift="none").mu_for(4096) == 0.0
+
+
+def test_shift_has_inference_form_and_adds_mu_in_logit_space():
+    s = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    mu = 1.15
+    expected = [0.0] + [math.exp(mu) / (math.exp(mu) + (1 / v - 1)) for v in (0.1, 0.5, 0.9)] + [1.0]
+    torch.testing.assert_close(shift_sigmas(s, mu), torch.tensor(expected, dtype=torch.float64))
+    inner = s[1:-1]
+    logit = torch.log(inner / (1 - inner))
+    shifted = shift_sigmas(inner, mu)
+    torch.testing.assert_close(torch.log(shifted / (1 - shifted)), logit + mu)
+
+
+@pytest.mark.parametrize("tokens, mean, std", [(256, 0.0, 1.0), (4096, 0.0, 1.0), (1024, -0.5, 0.8)])
+def test_timestep_distribution(tokens, mean, std):
+    """logit(sigma) ~ N(mean + mu(tokens), std): checked on 200k draws with a fixed seed."""
+    cfg = TimestepConfig(logit_mean=mean, logit_std=std)
+    s = sample_sigmas(200_000, tokens, cfg, torch.Generator().manual_seed(0)).double()
+    assert float(s.min()) > 0 and float(s.max()) < 1
+    logit = torch.log(s / (1 - s))
+    mu = interpolate_mu(tokens)
+    se = std / math.sqrt(len(s))
+    assert abs(float(logit.mean()) - (mean + mu)) < 5 * se
+    assert float(logit.std()) == pytest.approx(std, rel=0.01)
+    # Kolmogorov-Smirnov distance to the normal CDF (critical value at 1e-6 is about 0.0055 for n = 2e5)
+    z = torch.sort((logit - mean - mu) / std).values
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    n = len(z)
+    ks = max(float((torch.arange(1, n + 1) / n - cdf).max()), float((cdf - torch.arange(n) / n).max()))
+    assert ks < 0.0055
+    # larger images are pushed towards noise
+    if tokens == 4096:
+        small = sample_sigmas(200_000, 256, cfg, torch.Generator().manual_seed(0))
+        assert float(s.median()) > float(small.median()) + 0.1
+
+
+def test_noise_and_target_definitions():
+    x0 = torch.randn(3, 8, 128)
+    batch = noise_batch(x0, TimestepConfig(), torch.Generator().manual_seed(1))
+    noise = batch.target + x0
+    torch.testing.assert_close(
+        batch.x_t, (1 - batch.sigmas[:, None, None]) * x0 + batch.sigmas[:, None, None] * noise
+    )
+    torch.testing.assert_close(add_noise(x0, noise, torch.zeros(3)), x0)
+    torch.testing.assert_close(add_noise(x0, noise, torch.ones(3)), noise)
+    again = noise_batch(x0, TimestepConfig(), torch.Generator().manual_seed(1))
+    assert torch.equal(again.x_t, batch.x_t)  # a batch's draws depend only on its generator
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = randomize_(LensMMDiT(tiny_configs()[0]), 0).train()
+    x0 = torch.randn(2, 4, 128)
+    feats = [torch.randn(2, 5, 32) for _ in range(4)]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        batch = noise_batch(x0, TimestepConfig(), torch.Generator().manual_seed(7))  # same noise every step
+        loss = flow_matching_loss(model(batch.x_t, batch.sigmas, feats, mask, (2, 2)), batch.target)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert sum(losses[-5:]) < sum(losses[:5])

@@ -1,0 +1,103 @@
+"""The shipped workflows agree with each other, no ComfyUI needed.
+
+``workflows/api/X.json`` (the prompt format POST /prompt takes) and ``workflows/ui/X.json`` (what
+the ComfyUI frontend saves) must describe the same graph: node ids and types, widget values,
+links. ``example_workflows/`` (ComfyUI's template folder for custom nodes) holds copies of the
+UI graphs. The server tests in ``test_nodes_comfyui.py`` check both formats against /object_info.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+API = REPO / "workflows" / "api"
+UI = REPO / "workflows" / "ui"
+EXAMPLES = REPO / "example_workflows"
+NAMES = sorted(p.stem for p in API.glob("*.json"))
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# File names as the public repositories name them (the text encoder as the openai/gpt-oss-20b folder).
+PUBLIC_FILES = {"lens_bf16.safetensors", "lens_turbo_bf16.safetensors", "gpt-oss-20b/", "flux2-vae.safetensors"}
+
+
+def load(folder: Path, name: str) -> dict:
+    return json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def ui_widgets(node: dict) -> dict:
+    """Widget name -> value of a UI node: widget inputs in order, control_after_generate values skipped."""
+    names = [i["widget"]["name"] for i in node.get("inputs", []) if i.get("widget")]
+    values = list(node.get("widgets_values", []))
+    out, k = {}, 0
+    for name in names:
+        out[name] = values[k]
+        k += 1
+        if k < len(values) and name.endswith("seed") and values[k] in CONTROL_VALUES:
+            k += 1
+    assert k == len(values), f"node {node['id']} ({node['type']}): {len(values) - k} widget value(s) without a name"
+    return out
+
+
+def test_the_expected_workflows_exist():
+    assert {"lens_t2i", "lens_turbo_t2i"} <= set(NAMES)
+    assert sorted(p.stem for p in UI.glob("*.json")) == NAMES
+
+
+def test_no_json_directly_in_workflows():
+    """ComfyUI lists every *.json in a custom node's workflows/ folder as a template; keep the two
+    formats in subfolders so only example_workflows/ is listed."""
+    assert not list((REPO / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_workflows_are_the_ui_graphs(name):
+    assert (EXAMPLES / f"{name}.json").read_bytes() == (UI / f"{name}.json").read_bytes()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_describe_the_same_graph(name):
+    api, ui = load(API, name), load(UI, name)
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    assert set(nodes) == set(api)
+    links = {link[0]: link for link in ui["links"]}
+    assert len(links) == len(ui["links"]), "duplicate link ids"
+    assert ui["last_node_id"] >= max(int(i) for i in nodes) and ui["last_link_id"] >= max(links, default=0)
+    for nid, node in nodes.items():
+        entry = api[nid]
+        assert node["type"] == entry["class_type"], nid
+        widgets = ui_widgets(node)
+        sockets = {i["name"]: i for i in node.get("inputs", []) if not i.get("widget")}
+        api_links = {k: v for k, v in entry["inputs"].items() if isinstance(v, list)}
+        api_values = {k: v for k, v in entry["inputs"].items() if not isinstance(v, list)}
+        assert widgets == api_values, f"node {nid} ({node['type']})"
+        linked = {k: s for k, s in sockets.items() if s.get("link") is not None}
+        assert set(linked) == set(api_links), f"node {nid}: linked inputs differ"
+        for inp, sock in linked.items():
+            link_id, src, src_slot, dst, dst_slot, typ = links[sock["link"]]
+            assert [str(src), src_slot] == api_links[inp], f"node {nid} input {inp}"
+            assert dst == node["id"] and node["inputs"][dst_slot]["name"] == inp
+            assert sock["type"] == typ
+            assert link_id in nodes[str(src)]["outputs"][src_slot]["links"]
+            assert nodes[str(src)]["outputs"][src_slot]["type"] == typ
+    used = {link[0] for link in ui["links"]}
+    listed = {lid for n in ui["nodes"] for o in n.get("outputs", []) for lid in o.get("links") or []}
+    assert listed == used, "output link lists and the links table disagree"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflows_use_the_public_file_names(name):
+    api = load(API, name)
+    names = {v for n in api.values() for k, v in n["inputs"].items() if k in ("unet_name", "text_encoder_name", "vae_name")}
+    assert names and names <= PUBLIC_FILES, names
+
+
+def test_presets_in_the_sampler_workflows():
+    sampler = next(n for n in load(API, "lens_t2i").values() if n["class_type"] == "LensSampler")["inputs"]
+    assert (sampler["preset"], sampler["steps"], sampler["cfg"]) == ("lens", 20, 5.0)
+    sampler = next(n for n in load(API, "lens_turbo_t2i").values() if n["class_type"] == "LensSampler")["inputs"]
+    assert (sampler["preset"], sampler["steps"], sampler["cfg"]) == ("turbo", 4, 1.0)
+    loader = next(n for n in load(API, "lens_turbo_t2i").values() if n["class_type"] == "LensModelLoader")["inputs"]
+    assert loader["unet_name"] == "lens_turbo_bf16.safetensors"
