@@ -8,6 +8,15 @@ import torch
 from lens_core.random_weights import random_state_dicts, tiny_configs, write_random_pipeline
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run thousands of small ops: one thread avoids oversubscribing the CI's 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_configs_():
     return tiny_configs()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lens_core import prompt_search as ps
@@ -20,14 +19,6 @@ SCRIPTED_URL = "http://127.0.0.1:9/v1"  # scripted backends answer; nothing is e
 
 HAS_TOYEVAL = importlib.util.find_spec("training.toyeval") is not None
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run thousands of small ops: one thread avoids oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

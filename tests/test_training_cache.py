@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lens_core.loading import load_text_encoder, load_vae
@@ -16,14 +15,6 @@ from training.testing import TINY_BUCKETS, write_broken_images, write_tar_shards
 BUCKETS = make_buckets(**{k: TINY_BUCKETS[k] for k in ("areas", "aspect_ratios", "batch_sizes")})
 LAYERS = (0, 1, 2, 3)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to other processes competing for the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Loaders:

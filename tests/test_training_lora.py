@@ -22,14 +22,6 @@ from training.lora_format import (
 CFG = tiny_configs()[0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to other processes competing for the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _inputs(seed=0, n=16, s=7):
     g = torch.Generator().manual_seed(seed)

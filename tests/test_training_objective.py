@@ -20,15 +20,6 @@ from training.objective import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to other processes competing for the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_mu_interpolation_points():
     assert interpolate_mu(256) == pytest.approx(0.5)
     assert interpolate_mu(4096) == pytest.approx(1.15)
