@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from .errors import LensError
 from .image_io import save_png
+from .lora import parse_lora_arg
 from .pipeline import LensPipeline
 from .reasoner import ReasonerSettings
 from .resolution import ASPECT_RATIOS, BUCKETS
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     g.add_argument("--no-offload", action="store_true", help="keep all components on the accelerator")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA (.safetensors, any common naming) into the MMDiT at SCALE (default 1); "
+                        "repeat for several")
     r = g.add_argument_group("reasoner (rewrites the prompt into a dense description before encoding)")
     r.add_argument("--reasoner", choices=["off", "local", "api"], default="off",
                    help="local: the loaded GPT-OSS weights; api: an OpenAI-compatible server")
@@ -88,6 +92,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         offload=not args.no_offload,
+        loras=[parse_lora_arg(spec) for spec in args.lora],
     )
     bar = tqdm(unit="step", desc="sampling", leave=False, file=sys.stderr)
 

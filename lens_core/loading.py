@@ -180,7 +180,7 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise ValueError("float16 is not supported by Lens (it overflows to NaN); use bfloat16 or float32")
 
 
-def _open_mmdit(path: str | Path) -> tuple[TensorSource, MMDiTConfig]:
+def open_mmdit(path: str | Path) -> tuple[TensorSource, MMDiTConfig]:
     """The MMDiT tensors (prefix stripped) and config: sizes from the shapes, the encoder layers
     it reads from ``config.json``/metadata where present."""
     path = component_path(path, "transformer")
@@ -195,9 +195,25 @@ def _open_mmdit(path: str | Path) -> tuple[TensorSource, MMDiTConfig]:
     return source, config
 
 
+def is_gguf(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def _gguf_ops(operations):
+    """The caller's operations when they are already GGML-aware, else quant's."""
+    from quant.layers import GGMLLinear, GGMLOps
+
+    linear = getattr(operations, "Linear", None)
+    return operations if isinstance(linear, type) and issubclass(linear, GGMLLinear) else GGMLOps
+
+
 def load_mmdit_config(path: str | Path) -> MMDiTConfig:
     """Read only the headers: which encoder layers the MMDiT needs, before any weight is loaded."""
-    return _open_mmdit(path)[1]
+    if is_gguf(path):
+        from quant.gguf_models import load_mmdit_gguf_config
+
+        return load_mmdit_gguf_config(path)
+    return open_mmdit(path)[1]
 
 
 def load_mmdit(
@@ -206,10 +222,15 @@ def load_mmdit(
     dtype: torch.dtype | None = None,
     operations=DEFAULT_OPS,
 ) -> LensMMDiT:
-    """Load a Lens MMDiT from a diffusers folder, a sharded folder or a single (prefixed) file."""
+    """Load a Lens MMDiT from a diffusers folder, a sharded folder, a single (prefixed) file, or a
+    GGUF file (weights stay quantised, dequantised per call by ``quant.layers``)."""
     dtype = dtype or default_dtype(device)
     _check_dtype(dtype)
-    source, config = _open_mmdit(path)
+    if is_gguf(path):
+        from quant.gguf_models import load_mmdit_gguf
+
+        return load_mmdit_gguf(path, device, dtype, operations=_gguf_ops(operations))
+    source, config = open_mmdit(path)
     return build_and_load(
         lambda: LensMMDiT(config, operations=operations, dtype=dtype), source, "the Lens MMDiT", device
     )
@@ -225,10 +246,14 @@ def load_text_encoder(
     """Load the GPT-OSS feature encoder (HF folder, sharded or single file; bf16 or MXFP4 experts).
 
     Only layers up to ``max(selected_layers)`` are read; the final norm and LM head are skipped.
-    MXFP4 expert blocks stay uint8 in memory.
+    MXFP4 expert blocks stay uint8 in memory. llama.cpp GGUF files load through ``quant``.
     """
     dtype = dtype or default_dtype(device)
     _check_dtype(dtype)
+    if is_gguf(path):
+        from quant.gguf_models import load_gpt_oss_gguf
+
+        return load_gpt_oss_gguf(path, selected_layers, device, dtype, operations=_gguf_ops(operations))
     path = component_path(path, "text_encoder")
     source = _prefix_view(TensorSource.open(path), ENCODER_ANCHOR, "model.", "a GPT-OSS text encoder")
     declared = _read_json_config(path, source)

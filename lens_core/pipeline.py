@@ -22,6 +22,8 @@ from PIL import Image
 from . import __version__
 from .image_io import to_pil
 from .loading import component_path, default_dtype, load_mmdit, load_mmdit_config, load_text_encoder, load_vae
+from .lora import LoraModule, linear_weight_shapes, merge_lora_, read_lora
+from .mmdit import LensMMDiT
 from .ops import DEFAULT_OPS
 from .prompt import empty_features, pad_to_length, split_features, tokenize_prompts
 from .reasoner import PipelineLocalReasoner, ReasonerSettings, refine
@@ -35,6 +37,7 @@ from .vae import unpack_latents
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 COMPONENTS = ("text_encoder", "transformer", "vae")
 StepCallback = Callable[[int, int, torch.Tensor], None]
+LoraSpec = str | Path | tuple[str | Path, float]
 
 
 @dataclass
@@ -70,6 +73,10 @@ def find_tokenizer(encoder_path: Path) -> Tokenizer:
                       encoder_path.parent / "tokenizer" / "tokenizer.json"]
         if any(c.is_file() for c in candidates):
             return load_tokenizer(encoder_path)
+    elif encoder_path.suffix.lower() == ".gguf":
+        from quant.gpt_oss_gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(encoder_path)
     elif encoder_path.suffix == ".safetensors":
         if any(k == "tokenizer_json" or k.endswith(".tokenizer_json") for k in TensorSource.open(encoder_path)):
             return load_tokenizer(encoder_path)
@@ -91,6 +98,11 @@ class LensPipeline:
         offload: on by default. On an accelerator, idle components wait in host memory; on the
             CPU, each component is dropped once its stage is done (reloaded from disk next call).
         operations: the layer factory for all three models (``quant`` swaps in quantised layers).
+        loras: LoRA files to merge into the MMDiT, each ``(path, scale)`` (or a path: scale 1), in
+            any naming :mod:`lens_core.lora` reads. They are read and checked against the MMDiT's
+            shapes here, before anything heavy loads, and merged every time the MMDiT is loaded
+            (so a reload after offloading has them too). Needs plain float weights (not quantised
+            ``operations``). The file names and scales go into each image's settings.
     """
 
     def __init__(
@@ -103,6 +115,7 @@ class LensPipeline:
         dtype: torch.dtype | None = None,
         offload: bool = True,
         operations=DEFAULT_OPS,
+        loras: Sequence[LoraSpec] = (),
     ) -> None:
         self.device = pick_device(device)
         self.dtype = dtype or default_dtype(self.device)
@@ -114,6 +127,17 @@ class LensPipeline:
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(self.paths["text_encoder"])
         self._models: dict[str, nn.Module] = {}
         self._local_reasoner: PipelineLocalReasoner | None = None
+        self.loras: list[tuple[Path, float]] = []
+        self._lora_modules: list[dict[tuple[str, int | None], LoraModule]] = []
+        if loras:
+            with torch.device("meta"):
+                shapes = linear_weight_shapes(LensMMDiT(self.mmdit_config))
+            for spec in loras:
+                path, scale = (spec, 1.0) if isinstance(spec, (str, Path)) else spec
+                path, scale = Path(path).expanduser(), float(scale)
+                modules, _ = read_lora(path, shapes)  # strict: a LoRA for another model is an error
+                self.loras.append((path, scale))
+                self._lora_modules.append(modules)
 
     @classmethod
     def from_pretrained(cls, root: str | Path, **kwargs: Any) -> LensPipeline:
@@ -125,7 +149,10 @@ class LensPipeline:
     def _load(self, name: str) -> nn.Module:
         where = "cpu" if self.offload else self.device
         if name == "transformer":
-            return load_mmdit(self.paths[name], where, self.dtype, self.operations)
+            mmdit = load_mmdit(self.paths[name], where, self.dtype, self.operations)
+            for modules, (_, scale) in zip(self._lora_modules, self.loras, strict=True):
+                merge_lora_(mmdit, modules, scale)
+            return mmdit
         if name == "text_encoder":
             return load_text_encoder(
                 self.paths[name], tuple(self.mmdit_config.selected_layer_index), where, self.dtype, self.operations
@@ -284,6 +311,7 @@ class LensPipeline:
                 "seed": seed,
                 "batch_index": i,
                 **_reasoner_settings(refined[i // n], reasoner),
+                **self._lora_settings(),
                 "sampler": "euler (flow matching, empirical-mu schedule)",
                 "models": {c: str(p) for c, p in self.paths.items()},
                 "lens_core": __version__,
@@ -291,6 +319,12 @@ class LensPipeline:
             for i in range(len(images))
         ]
         return LensOutput(images, latents.cpu(), settings)
+
+    def _lora_settings(self) -> dict[str, Any]:
+        """What the PNG records of the LoRAs: file names and scales, in merge order."""
+        if not self.loras:
+            return {}
+        return {"loras": [{"name": p.name, "scale": s} for p, s in self.loras]}
 
     def refine(self, prompts: list[str], settings: ReasonerSettings | None):
         """The prompts after the reasoner (passed through when ``settings`` is None or mode ``off``)."""

@@ -51,7 +51,7 @@ def _alternating_layer_types(n: int) -> tuple[str, ...]:
     return tuple(SLIDING if i % 2 == 0 else FULL for i in range(n))
 
 
-def _released_rope_scaling() -> dict[str, Any]:
+def released_rope_scaling() -> dict[str, Any]:
     return {
         "rope_type": "yarn",
         "factor": 32.0,
@@ -85,7 +85,7 @@ class GptOssConfig:
     layer_types: tuple[str, ...] | None = None
     rms_norm_eps: float = 1e-5
     rope_theta: float = 150000.0
-    rope_scaling: dict[str, Any] | None = field(default_factory=_released_rope_scaling)
+    rope_scaling: dict[str, Any] | None = field(default_factory=released_rope_scaling)
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     pad_token_id: int | None = 199999
@@ -120,7 +120,7 @@ class GptOssConfig:
         defaults = cls()
         rope = d.get("rope_parameters") or d.get("rope_scaling")
         if rope is None:
-            rope_scaling: dict[str, Any] | None = _released_rope_scaling()
+            rope_scaling: dict[str, Any] | None = released_rope_scaling()
             theta = d.get("rope_theta", defaults.rope_theta)
         else:
             rope = dict(rope)

@@ -129,7 +129,7 @@ def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
         path = path.resolve()
         stat = path.stat()
         tok = _load_file(path, stat.st_size, stat.st_mtime_ns)
-    _validate(tok)
+    validate_tokenizer(tok)
     return tok
 
 
@@ -202,7 +202,7 @@ def _parse_json(text: str, label: str) -> tokenizers.Tokenizer:
         raise TokenizerError(f"{label}: not a valid tokenizer.json ({err})") from err
 
 
-def _validate(tok: Tokenizer) -> None:
+def validate_tokenizer(tok: Tokenizer) -> None:
     """Reject anything that is not o200k_harmony, saying which id or probe disagreed."""
     for text, expected in SPECIAL_IDS.items():
         got = tok.encode(text)

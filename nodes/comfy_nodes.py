@@ -7,9 +7,12 @@ import warnings
 
 import comfy.model_management
 import torch
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
+from lens_core.reasoner import MODES as REASONER_MODES
+from lens_core.reasoner import ON_ERROR as REASONER_ON_ERROR
+from lens_core.reasoner import ReasonerSettings
 from lens_core.resolution import (
     ASPECT_RATIOS,
     BASE_RESOLUTIONS,
@@ -23,7 +26,9 @@ from lens_core.sampling import PRESETS
 
 from . import files
 from .lens_bridge import LATENT_CHANNELS, PATCH
+from .lora import load_lens_lora
 from .model import WEIGHT_DTYPES, load_lens_model
+from .reasoner import preview_text, refine_prompt
 from .sampling import LensGuider, LensNoise, latent_grid, resolve_preset, sample, schedule
 from .text import DTYPES, load_lens_clip
 from .vae import load_lens_vae
@@ -286,6 +291,113 @@ class LensSampler(io.ComfyNode):
         return io.NodeOutput(sample(model, positive, negative, latent, steps, cfg, seed))
 
 
+class LensLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LensLoraLoader",
+            display_name="Lens LoRA Loader",
+            category=CATEGORY,
+            description="Applies a Lens LoRA to a Lens MODEL as ComfyUI weight patches (unpatched again when "
+                        "the model is unloaded). Reads every common naming: diffusers/PEFT and OneTrainer "
+                        "('transformer.'), ai-toolkit ('diffusion_model.'), kohya/musubi ('lora_unet_'), split "
+                        "q/k/v. LoRAs trained on base Lens also work on Lens Turbo.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Lens MODEL (Lens Model Loader, or ComfyUI's Load Diffusion Model "
+                                                "for a Lens file)."),
+                io.Combo.Input("lora_name", options=files.model_choices("loras"),
+                               tooltip="LoRA safetensors file in models/loras."),
+                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="LoRA strength: 0 leaves the model as it is, negative values subtract it."),
+            ],
+            outputs=[io.Model.Output(tooltip="The MODEL with the LoRA patched in.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        if strength == 0:
+            return io.NodeOutput(model)
+        return io.NodeOutput(load_lens_lora(model, files.resolve("loras", lora_name), strength))
+
+
+def _reasoner_key(**kw) -> tuple:
+    """The widget values that decide a rewrite (not the CLIP object)."""
+    names = ("prompt", "mode", "api_base_url", "api_model", "api_key_env", "system_prompt", "seed",
+             "temperature", "max_new_tokens", "on_error")
+    return tuple(str(kw.get(n, "")) for n in names)
+
+
+_REASONER_FALLBACKS: dict[tuple, int] = {}  # widget values -> times the rewrite fell back
+
+
+class LensReasoner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LensReasoner",
+            display_name="Lens Reasoner",
+            category=CATEGORY,
+            description="Rewrites a short prompt into the dense description Lens was trained on, with the "
+                        "GPT-OSS weights of the Lens text encoder (local) or an OpenAI-compatible server (api). "
+                        "Connect its STRING to Lens Text Encode's prompt. Rewrites are cached.",
+            inputs=[
+                io.String.Input("prompt", multiline=True, dynamic_prompts=True, default="",
+                                tooltip="Your prompt; an empty prompt stays empty."),
+                io.Combo.Input("mode", options=list(REASONER_MODES), default="local",
+                               tooltip="off: pass the prompt through. local: generate with the connected Lens CLIP's "
+                                       "GPT-OSS weights (needs the full gpt-oss-20b checkpoint with its LM head). "
+                                       "api: POST {api_base_url}/chat/completions."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The Lens text encoder (Lens Text Encoder Loader); needed for local mode."),
+                io.String.Input("api_base_url", default="",
+                                tooltip="api mode: server root, e.g. https://api.openai.com/v1 or "
+                                        "http://127.0.0.1:8000/v1. Nothing is contacted in the other modes."),
+                io.String.Input("api_model", default="", tooltip="api mode: model name the server expects."),
+                io.String.Input("api_key_env", default="OPENAI_API_KEY",
+                                tooltip="api mode: NAME of the environment variable that holds the API key (the "
+                                        "key itself never goes into the workflow). Unset variable = no key sent."),
+                io.String.Input("system_prompt", multiline=True, default="", optional=True,
+                                tooltip="Instructions for the rewriter; empty = Lens' built-in system prompt."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                             control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Sampling seed: the same seed and settings give the same rewrite (cached). "
+                                     "Set the control to randomize for a new rewrite every run."),
+                io.Float.Input("temperature", default=0.7, min=0.0, max=2.0, step=0.05,
+                               tooltip="Sampling temperature; 0 = greedy (local mode)."),
+                io.Int.Input("max_new_tokens", default=4096, min=1, max=32768,
+                             tooltip="Most tokens to generate, the reasoning (analysis channel) included."),
+                io.Combo.Input("on_error", options=list(REASONER_ON_ERROR), default="fail",
+                               tooltip="fail: stop the workflow with the reasoner's error. passthrough: use the prompt "
+                                       "unchanged (the node shows why); re-queueing then tries again."),
+            ],
+            outputs=[io.String.Output(display_name="refined_prompt",
+                                      tooltip="The rewritten prompt; connect it to Lens Text Encode's prompt.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kw):
+        # ComfyUI re-runs the node when this changes: after a fallback, so that re-queueing retries.
+        return _REASONER_FALLBACKS.get(_reasoner_key(**kw), 0)
+
+    @classmethod
+    def execute(cls, prompt, mode, api_base_url, api_model, api_key_env, seed, temperature, max_new_tokens,
+                on_error, clip=None, system_prompt="") -> io.NodeOutput:
+        settings = ReasonerSettings(
+            mode=mode, system_prompt=system_prompt or None, on_error=on_error, temperature=float(temperature),
+            max_new_tokens=int(max_new_tokens), seed=int(seed), api_base_url=api_base_url.strip(),
+            api_model=api_model.strip(), api_key_env=api_key_env.strip() or "OPENAI_API_KEY",
+        )
+        result = refine_prompt(prompt, settings, clip)
+        if result.fell_back:
+            key = _reasoner_key(prompt=prompt, mode=mode, api_base_url=api_base_url, api_model=api_model,
+                                api_key_env=api_key_env, system_prompt=system_prompt, seed=seed,
+                                temperature=temperature, max_new_tokens=max_new_tokens, on_error=on_error)
+            _REASONER_FALLBACKS[key] = _REASONER_FALLBACKS.get(key, 0) + 1
+        elif result.mode != "off":
+            log.info("Lens Reasoner (%s%s): %s", result.mode, ", cached" if result.cached else "", result.text)
+        return io.NodeOutput(result.text, ui=ui.PreviewText(preview_text(result)))
+
+
 NODES = [
     LensModelLoader,
     LensTextEncoderLoader,
@@ -296,6 +408,8 @@ NODES = [
     LensGuiderNode,
     LensNoiseNode,
     LensSampler,
+    LensLoraLoader,
+    LensReasoner,
 ]
 
 

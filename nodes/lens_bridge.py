@@ -5,6 +5,10 @@ CONDITIONING (one entry ``[context, extras]``):
     concatenated on the last axis, layer after layer; ``extras["attention_mask"]`` ``[B, S]``
     int64, 1 on real tokens. An empty prompt has S = 0. This is also the layout ComfyUI's own
     Lens text encoder emits, so the two can be mixed.
+LORA PATCHES:
+    one per LoRA module on ComfyUI's state-dict name ``diffusion_model.<lens_core module>.weight``;
+    a LoRA on a split q/k/v projection patches its third of the fused ``img_qkv``/``txt_qkv``
+    weight through ComfyUI's patch offset ``(dim 0, start row, rows)``.
 LATENT:
     ``[B, 128, H/16, W/16]``: the normalised, 2x2-patchified FLUX.2 latent. Channel c at grid
     position (i, j) is channel c of MMDiT token ``i * W/16 + j`` (``lens_core.vae.pack_latents``).
@@ -12,11 +16,13 @@ LATENT:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lens_core.layers import RMSNorm
+from lens_core.lora import LoraModule
 from lens_core.pipeline import TextConditioning
 from lens_core.prompt import empty_features, pad_to_length
 from lens_core.sampling import LATENT_CHANNELS, PATCH, initial_noise
@@ -25,12 +31,15 @@ from lens_core.vae import pack_latents, unpack_latents
 __all__ = [
     "DeviceSafeRMSNorm",
     "LATENT_CHANNELS",
+    "LoraPatch",
+    "MODEL_PREFIX",
     "PATCH",
     "TextConditioning",
     "conditioning_from_text",
     "context_to_features",
     "empty_like_conditioning",
     "lens_noise",
+    "lora_patches",
     "pack_latents",
     "repeat_to_batch",
     "text_batch",
@@ -113,6 +122,45 @@ def text_batch(
     u_feats, u_mask = pad_to_length([f.to(c.dtype) for f, c in zip(uncond.feats, c_feats, strict=True)],
                                     uncond.mask, length)
     return [torch.cat([c, u]) for c, u in zip(c_feats, u_feats, strict=True)], torch.cat([c_mask, u_mask])
+
+
+MODEL_PREFIX = "diffusion_model."
+"""Where a ComfyUI BaseModel keeps the network: state-dict names are ``diffusion_model.<lens_core name>``."""
+
+
+@dataclass
+class LoraPatch:
+    """One ComfyUI LoRA weight patch: ``W[offset] += strength * alpha / rank * up @ down``.
+
+    ``alpha`` None means scaling 1 (as in ComfyUI). ``bias`` is the LoRA's bias delta, already
+    multiplied by its scaling (a ComfyUI ``diff`` patch on ``bias_key``).
+    """
+
+    key: str
+    offset: tuple[int, int, int] | None
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: float | None
+    bias_key: str
+    bias: torch.Tensor | None = None
+
+
+def lora_patches(
+    modules: Mapping[tuple[str, int | None], LoraModule],
+    shapes: Mapping[str, Sequence[int]],
+    prefix: str = MODEL_PREFIX,
+) -> list[LoraPatch]:
+    """ComfyUI weight patches for LoRA modules parsed by :func:`lens_core.lora.read_lora`."""
+    out = []
+    for (name, part), m in modules.items():
+        offset = None
+        if part is not None:
+            rows = int(shapes[name][0]) // 3
+            offset = (0, part * rows, rows)
+        bias = None if m.up_bias is None else m.up_bias.float() * m.scaling
+        alpha = None if m.alpha is None else float(m.alpha)
+        out.append(LoraPatch(f"{prefix}{name}.weight", offset, m.up, m.down, alpha, f"{prefix}{name}.bias", bias))
+    return out
 
 
 def lens_noise(seed: int, batch: int, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -59,17 +59,18 @@ def _pick_dtype(choice: str, device: torch.device) -> torch.dtype:
 class LensClip:
     """GPT-OSS encoder + o200k_harmony tokenizer behind ComfyUI's CLIP interface."""
 
-    def __init__(self, patcher, tokenizer, layers=DEFAULT_SELECTED_LAYERS):
+    def __init__(self, patcher, tokenizer, layers=DEFAULT_SELECTED_LAYERS, path: str | Path | None = None):
         self.patcher = patcher
         self.tokenizer = tokenizer
         self.layers = tuple(layers)
+        self.path = Path(path) if path is not None else None  # the checkpoint: the local reasoner reads its LM head
 
     @property
     def encoder(self):
         return self.patcher.model
 
     def clone(self):
-        return LensClip(self.patcher.clone(), self.tokenizer, self.layers)
+        return LensClip(self.patcher.clone(), self.tokenizer, self.layers, self.path)
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         return self.patcher.add_patches(patches, strength_patch, strength_model)
@@ -143,4 +144,4 @@ def load_lens_clip(path: str | Path, weight_dtype: str = "default", device_choic
     encoder = load_text_encoder(path, DEFAULT_SELECTED_LAYERS, offload_device, dtype, operations=eager_ops())
     patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
     log.info("Lens text encoder %s: %s, tokenizer %s", path, dtype, tokenizer.source)
-    return LensClip(patcher, tokenizer, DEFAULT_SELECTED_LAYERS)
+    return LensClip(patcher, tokenizer, DEFAULT_SELECTED_LAYERS, path)

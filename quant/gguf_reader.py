@@ -90,7 +90,9 @@ class GGUFFile:
             self._parse(size)
             with warnings.catch_warnings():  # the map is read-only; we never write through it
                 warnings.simplefilter("ignore", UserWarning)
-                self._data = torch.frombuffer(self._mm, dtype=torch.uint8)
+                # Through a memoryview: the export keeps the map open (mm.close() then raises
+                # BufferError, which close() ignores) until the last raw()/weight view is freed.
+                self._data = torch.frombuffer(memoryview(self._mm), dtype=torch.uint8)
         except BaseException:
             self.close()
             raise

@@ -127,3 +127,42 @@ def test_device_safe_rmsnorm_is_lens_cores_rmsnorm(bridge):
     bridge.make_norms_device_safe(holder)
     assert type(holder[0]) is bridge.DeviceSafeRMSNorm
     assert torch.equal(holder[0](x), want)
+
+
+def test_lora_patches_do_what_the_merge_does(bridge):
+    """ComfyUI's LoRA patch arithmetic (W.narrow(offset) += strength * alpha / rank * up @ down, bias
+    diff) on the patches built for a split-q/k/v LoRA with a bias = lens_core's merge."""
+    from lens_core.lora import LoraModule, linear_weight_shapes, merge_lora_
+    from lens_core.mmdit import LensMMDiT
+    from lens_core.random_weights import randomize_, tiny_configs
+
+    model = randomize_(LensMMDiT(tiny_configs()[0]), 0)
+    shapes = linear_weight_shapes(model)
+    g = torch.Generator().manual_seed(4)
+    modules = {}
+    for name in ("transformer_blocks.0.attn.img_qkv", "transformer_blocks.1.attn.txt_qkv"):
+        out, inp = shapes[name]
+        for part in (0, 2):
+            modules[(name, part)] = LoraModule(name, torch.randn(3, inp, generator=g), torch.randn(out // 3, 3, generator=g),
+                                               alpha=1.5, part=part, up_bias=torch.randn(out // 3, generator=g))
+    out, inp = shapes["transformer_blocks.0.img_mlp.w2"]
+    modules[("transformer_blocks.0.img_mlp.w2", None)] = LoraModule(
+        "transformer_blocks.0.img_mlp.w2", torch.randn(2, inp, generator=g), torch.randn(out, 2, generator=g))
+
+    patches = bridge.lora_patches(modules, shapes)
+    assert {p.key for p in patches} == {f"diffusion_model.{n}.weight" for n, _ in modules}
+    assert {p.offset for p in patches} == {None, (0, 0, shapes["transformer_blocks.0.attn.img_qkv"][0] // 3),
+                                           (0, 2 * shapes["transformer_blocks.0.attn.img_qkv"][0] // 3,
+                                            shapes["transformer_blocks.0.attn.img_qkv"][0] // 3)}
+    strength = 0.7
+    comfy = {f"diffusion_model.{k}": v.clone() for k, v in model.state_dict().items()}
+    for p in patches:  # as comfy.lora.calculate_weight / LoRAAdapter do it
+        w = comfy[p.key] if p.offset is None else comfy[p.key].narrow(*p.offset)
+        alpha = p.alpha / p.down.shape[0] if p.alpha is not None else 1.0
+        w += strength * alpha * (p.up @ p.down)
+        if p.bias is not None:
+            b = comfy[p.bias_key] if p.offset is None else comfy[p.bias_key].narrow(*p.offset)
+            b += strength * p.bias
+    merge_lora_(model, modules, strength)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(comfy[f"diffusion_model.{k}"], v, rtol=1e-5, atol=1e-5)

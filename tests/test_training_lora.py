@@ -1,4 +1,4 @@
-"""LoRA injection (peft), files in every naming, and merging with apply_lora (training/lora*.py)."""
+"""LoRA injection (peft, training/lora.py), files in every naming, and merging with lens_core.lora.apply_lora."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lens_core.mmdit import LensMMDiT
-from lens_core.random_weights import randomize_, tiny_configs
-from training.lora import add_lora, dead_module_names, lora_state_dict, lora_target_names, save_lora
-from training.lora_format import (
+from lens_core.lora import (
     LoraFormatError,
     apply_lora,
     convert_lora_file,
     kohya_name,
     load_lora_file,
 )
+from lens_core.mmdit import LensMMDiT
+from lens_core.random_weights import randomize_, tiny_configs
+from training.lora import add_lora, dead_module_names, lora_state_dict, lora_target_names, save_lora
 
 CFG = tiny_configs()[0]
 

@@ -42,7 +42,7 @@ def ui_widgets(node: dict) -> dict:
 
 
 def test_the_expected_workflows_exist():
-    assert {"lens_t2i", "lens_turbo_t2i"} <= set(NAMES)
+    assert {"lens_t2i", "lens_turbo_t2i", "lens_t2i_lora", "lens_t2i_reasoner"} <= set(NAMES)
     assert sorted(p.stem for p in UI.glob("*.json")) == NAMES
 
 
@@ -68,8 +68,11 @@ def test_ui_and_api_describe_the_same_graph(name):
     for nid, node in nodes.items():
         entry = api[nid]
         assert node["type"] == entry["class_type"], nid
-        widgets = ui_widgets(node)
-        sockets = {i["name"]: i for i in node.get("inputs", []) if not i.get("widget")}
+        # A widget turned into a socket (e.g. Lens Text Encode's prompt fed by the Lens Reasoner) keeps a
+        # value in widgets_values, but the API format carries only its link.
+        fed = {i["name"] for i in node.get("inputs", []) if i.get("widget") and i.get("link") is not None}
+        widgets = {k: v for k, v in ui_widgets(node).items() if k not in fed}
+        sockets = {i["name"]: i for i in node.get("inputs", []) if not i.get("widget") or i["name"] in fed}
         api_links = {k: v for k, v in entry["inputs"].items() if isinstance(v, list)}
         api_values = {k: v for k, v in entry["inputs"].items() if not isinstance(v, list)}
         assert widgets == api_values, f"node {nid} ({node['type']})"
@@ -79,7 +82,7 @@ def test_ui_and_api_describe_the_same_graph(name):
             link_id, src, src_slot, dst, dst_slot, typ = links[sock["link"]]
             assert [str(src), src_slot] == api_links[inp], f"node {nid} input {inp}"
             assert dst == node["id"] and node["inputs"][dst_slot]["name"] == inp
-            assert sock["type"] == typ
+            assert sock["type"] in (typ, "*")  # "*": an any-type input (Preview as Text)
             assert link_id in nodes[str(src)]["outputs"][src_slot]["links"]
             assert nodes[str(src)]["outputs"][src_slot]["type"] == typ
     used = {link[0] for link in ui["links"]}
@@ -101,3 +104,30 @@ def test_presets_in_the_sampler_workflows():
     assert (sampler["preset"], sampler["steps"], sampler["cfg"]) == ("turbo", 4, 1.0)
     loader = next(n for n in load(API, "lens_turbo_t2i").values() if n["class_type"] == "LensModelLoader")["inputs"]
     assert loader["unet_name"] == "lens_turbo_bf16.safetensors"
+
+
+def _of(api: dict, class_type: str) -> tuple[str, dict]:
+    return next((k, n["inputs"]) for k, n in api.items() if n["class_type"] == class_type)
+
+
+def test_lora_workflow_puts_the_lora_between_loader_and_sampler():
+    api = load(API, "lens_t2i_lora")
+    loader, _ = _of(api, "LensModelLoader")
+    lora_id, lora = _of(api, "LensLoraLoader")
+    _, sampler = _of(api, "LensSampler")
+    assert lora["model"] == [loader, 0] and sampler["model"] == [lora_id, 0]
+    assert lora["lora_name"].endswith(".safetensors") and lora["strength"] == 1.0
+    assert _of(api, "LensModelLoader")[1]["unet_name"] == "lens_bf16.safetensors"  # LoRAs are trained on base Lens
+
+
+def test_reasoner_workflow_feeds_the_refined_prompt_to_the_encoder():
+    api = load(API, "lens_t2i_reasoner")
+    clip_id, _ = _of(api, "LensTextEncoderLoader")
+    reasoner_id, reasoner = _of(api, "LensReasoner")
+    encoders = [n["inputs"] for n in api.values() if n["class_type"] == "LensTextEncode"]
+    assert [e["prompt"] for e in encoders] == [[reasoner_id, 0], ""]  # positive refined, negative empty
+    assert reasoner["clip"] == [clip_id, 0] and reasoner["mode"] == "local"
+    assert _of(api, "PreviewAny")[1]["source"] == [reasoner_id, 0]
+    # No endpoint and no key in a shipped workflow: only the NAME of the key's environment variable.
+    assert reasoner["api_base_url"] == "" and reasoner["api_key_env"] == "OPENAI_API_KEY"
+    assert reasoner["prompt"].strip() and reasoner["system_prompt"] == ""

@@ -72,7 +72,7 @@ def _override(cfg, item: str) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .lora_format import convert_lora_file
+    from lens_core.lora import convert_lora_file
 
     print(convert_lora_file(args.src, args.dst, args.to))
     return 0

@@ -12,7 +12,7 @@ without ``find_unused_parameters``.
 
 Files are written with :func:`lens_core.safetensors_io.save_file_atomic` in diffusers/PEFT naming
 (``transformer.<path>.lora_A.weight``) with the alpha in the metadata, or in kohya naming
-(``lora_unet_..._lora_down.weight`` + ``.alpha``); :mod:`training.lora_format` reads both back.
+(``lora_unet_..._lora_down.weight`` + ``.alpha``); :mod:`lens_core.lora` reads both back.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
+from lens_core.lora import LORA_TARGET_SUFFIXES, parse_lora, peft_metadata, to_kohya_state_dict
 from lens_core.safetensors_io import save_file_atomic
-
-from .lora_format import LORA_TARGET_SUFFIXES, parse_lora, peft_metadata, to_kohya_state_dict
 
 ADAPTER = "default"
 FILE_PREFIX = "transformer."
