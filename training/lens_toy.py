@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
             (out / "toyeval.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
         elif stage == "export":
             assemble(out / "model", out / "model" / "transformer", DEFAULT_MODEL_DIR)
+            if (out / "toyeval.json").exists():  # the shipped model carries its measured score
+                shutil.copy(out / "toyeval.json", DEFAULT_MODEL_DIR / "toyeval.json")
             print(f"exported to {DEFAULT_MODEL_DIR}")
     print(f"done in {time.time() - t0:.0f} s")
 
