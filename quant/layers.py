@@ -608,7 +608,7 @@ def apply_lora_patches(
 
     ``modules`` maps ``(module name, part)`` to objects with ``down`` ``[r, in]``, ``up``
     ``[rows, r]``, ``scaling`` (alpha / rank) and optional ``up_bias`` - what
-    ``training.lora_format.parse_lora`` returns (pass :func:`ggml_linear_names` as its module
+    ``lens_core.lora.parse_lora`` returns (pass :func:`ggml_linear_names` as its module
     list).  ``part`` 0/1/2 selects the q/k/v third of a fused qkv weight.  Returns the patched names.
     """
     items = modules.items() if isinstance(modules, Mapping) else modules

@@ -95,14 +95,6 @@ def test_lens_core_lora_needs_no_training_or_peft():
     assert "import training" not in text and "from training" not in text
 
 
-def test_training_lora_format_is_the_lens_core_module():
-    import lens_core.lora
-    import training.lora_format
-
-    assert training.lora_format.apply_lora is lens_core.lora.apply_lora
-    assert set(lens_core.lora.__all__) <= set(vars(training.lora_format))
-
-
 def test_read_lora_from_state_dict_shapes(tiny_pipeline, lora_files):
     """Shapes from module walking (lens_core) and from a prefixed state dict (ComfyUI) read alike."""
     model = load_mmdit(tiny_pipeline, "cpu", torch.float32)

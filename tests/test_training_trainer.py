@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 from lens_core.image_io import read_settings
 from lens_core.loading import load_mmdit
+from lens_core.lora import apply_lora
 from lens_core.mmdit import LensMMDiT
 from lens_core.random_weights import tiny_configs
 from training import checkpoint as ckpt
 from training.cli import main as cli_main
 from training.logs import read_losses
-from training.lora_format import apply_lora
 from training.testing import tiny_config, write_broken_images, write_tar_shards, write_tiny_folder
 from training.trainer import Trainer
 
