@@ -518,8 +518,11 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class DownBlock(nn.Module):
-    """``n`` resnets then an optional stride-2 downsample."""
+class ResnetStage(nn.Module):
+    """``n`` resnets then an optional stride-2 ``"down"``sample or nearest-2x ``"up"``sample + conv.
+
+    The resampler sits in ``downsamplers``/``upsamplers`` (diffusers' names, kept in the state dict).
+    """
 
     def __init__(
         self,
@@ -527,7 +530,7 @@ class DownBlock(nn.Module):
         out_ch: int,
         n: int,
         groups: int,
-        downsample: bool,
+        resample: str | None,
         operations=DEFAULT_OPS,
         device=None,
         dtype=None,
@@ -537,42 +540,16 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList(
             [ResnetBlock(in_ch if j == 0 else out_ch, out_ch, groups, **kw) for j in range(n)]
         )
-        self.downsamplers = nn.ModuleList([Downsample(out_ch, **kw)]) if downsample else None
+        self.resample = {"down": "downsamplers", "up": "upsamplers", None: None}[resample]
+        if self.resample is not None:
+            layer = Downsample(out_ch, **kw) if resample == "down" else Upsample(out_ch, **kw)
+            setattr(self, self.resample, nn.ModuleList([layer]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for r in self.resnets:
             x = r(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
-
-
-class UpBlock(nn.Module):
-    """``n`` resnets then an optional nearest-2x upsample + conv."""
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        n: int,
-        groups: int,
-        upsample: bool,
-        operations=DEFAULT_OPS,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        kw = {"operations": operations, "device": device, "dtype": dtype}
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(in_ch if j == 0 else out_ch, out_ch, groups, **kw) for j in range(n)]
-        )
-        self.upsamplers = nn.ModuleList([Upsample(out_ch, **kw)]) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for r in self.resnets:
-            x = r(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+        if self.resample is not None:
+            x = getattr(self, self.resample)[0](x)
         return x
 
 
@@ -587,7 +564,9 @@ class Encoder(nn.Module):
         self.conv_in = operations.Conv2d(cfg.in_channels, ch[0], 3, stride=1, padding=1, **kw)
         self.down_blocks = nn.ModuleList(
             [
-                DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < len(ch) - 1, **okw)
+                ResnetStage(
+                    ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, "down" if i < len(ch) - 1 else None, **okw
+                )
                 for i in range(len(ch))
             ]
         )
@@ -615,7 +594,9 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(rev[0], g, **okw)
         self.up_blocks = nn.ModuleList(
             [
-                UpBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, g, i < len(rev) - 1, **okw)
+                ResnetStage(
+                    rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, g, "up" if i < len(rev) - 1 else None, **okw
+                )
                 for i in range(len(rev))
             ]
         )
