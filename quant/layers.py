@@ -184,7 +184,7 @@ def quantized_bytes(ggml_type: int, shape: Sequence[int]) -> int:
 # Shared decode buffers
 # ---------------------------------------------------------------------------------------------
 
-_buffers: dict[tuple[int, torch.dtype, torch.device, int], torch.Tensor] = {}
+_buffers: dict[tuple[int, torch.dtype, torch.device, int, bool], torch.Tensor] = {}
 _reuse = {"enabled": True}
 
 
@@ -207,7 +207,9 @@ def release_buffers() -> None:
 
 
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (numel, dtype, device, threading.get_ident())
+    # Separate buffers inside and outside torch.inference_mode: an inference tensor cannot be
+    # written to outside it.
+    key = (numel, dtype, device, threading.get_ident(), torch.is_inference_mode_enabled())
     buf = _buffers.get(key)
     if buf is None:
         buf = _buffers[key] = torch.empty(numel, dtype=dtype, device=device)
