@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lens_core.mxfp4 import GROUP_SIZE, dequantize_expert_weight  # noqa: E402
-from lens_core.random_weights import mxfp4_experts, random_state_dicts, tiny_configs  # noqa: E402
+from lens_core.random_weights import encoder_config_json, mxfp4_experts, random_state_dicts, tiny_configs  # noqa: E402
 from lens_core.reasoner import LocalReasoner, render_harmony  # noqa: E402
 from lens_core.text_encoder import GptOssConfig, GptOssEncoder  # noqa: E402
 from lens_core.tokenizer import load_tokenizer  # noqa: E402
@@ -118,23 +118,9 @@ def build_hf(cfg: GptOssConfig, tensors: dict, device: torch.device, dtype: torc
     import transformers
     from transformers.models.gpt_oss import modeling_gpt_oss
 
+    # The same HF config.json fields our checkpoints are written with.
     hf_cfg = transformers.GptOssConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        intermediate_size=cfg.intermediate_size,
-        num_local_experts=cfg.num_local_experts,
-        num_experts_per_tok=cfg.num_experts_per_tok,
-        sliding_window=cfg.sliding_window,
-        layer_types=list(cfg.layer_types),
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=dict(cfg.rope_scaling, rope_theta=cfg.rope_theta),
-        pad_token_id=cfg.pad_token_id,
-        eos_token_id=None,
-        tie_word_embeddings=False,
+        **encoder_config_json(cfg), eos_token_id=None, tie_word_embeddings=False
     )
     state = {}
     for name, t in tensors.items():

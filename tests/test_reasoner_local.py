@@ -14,7 +14,12 @@ import torch
 
 from lens_core.loading import load_text_encoder
 from lens_core.mxfp4 import dequantize_expert_weight
-from lens_core.random_weights import random_state_dicts, tiny_configs, write_random_pipeline
+from lens_core.random_weights import (
+    encoder_config_json,
+    random_state_dicts,
+    tiny_configs,
+    write_random_pipeline,
+)
 from lens_core.reasoner import (
     CALL_ID,
     END_ID,
@@ -37,7 +42,6 @@ from lens_core.tokenizer import load_tokenizer
 
 SEED = 3
 STEPS = 20
-
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +93,9 @@ def full_state(configs) -> dict[str, torch.Tensor]:
 def hf_model(configs, full_state):
     transformers = pytest.importorskip("transformers")
     cfg: GptOssConfig = configs[1]
+    # The same HF config.json fields our checkpoints are written with.
     hf_cfg = transformers.GptOssConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        intermediate_size=cfg.intermediate_size,
-        num_local_experts=cfg.num_local_experts,
-        num_experts_per_tok=cfg.num_experts_per_tok,
-        sliding_window=cfg.sliding_window,
-        layer_types=list(cfg.layer_types),
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=dict(cfg.rope_scaling, rope_theta=cfg.rope_theta),
-        pad_token_id=cfg.pad_token_id,
+        **encoder_config_json(cfg),
         eos_token_id=None,
         tie_word_embeddings=False,
         attn_implementation="eager",
