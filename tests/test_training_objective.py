@@ -12,6 +12,7 @@ from lens_core.random_weights import randomize_, tiny_configs
 from training.objective import (
     TimestepConfig,
     add_noise,
+    drop_captions,
     flow_matching_loss,
     interpolate_mu,
     noise_batch,
@@ -96,3 +97,29 @@ def test_loss_decreases_on_a_fixed_batch():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_caption_dropout_gives_the_empty_prompt_at_rate_p():
+    """Dropped rows become the sampler's empty negative (zero features, all-False mask); kept rows are untouched."""
+    from lens_core.prompt import empty_features
+
+    b = 4000
+    feats = [torch.randn(b, 5, 3) + 1.0 for _ in range(2)]
+    mask = torch.ones(b, 5, dtype=torch.bool)
+    mask[:, 4] = False
+    out, out_mask = drop_captions(feats, mask, 0.1, torch.Generator().manual_seed(0))
+    dropped = ~out_mask.any(dim=1)
+    assert abs(dropped.float().mean().item() - 0.1) < 0.015
+    empty_feats, empty_mask = empty_features([f[dropped] for f in feats], mask[dropped])
+    assert torch.equal(out_mask[dropped], empty_mask)
+    for f, o, e in zip(feats, out, empty_feats, strict=True):
+        assert torch.equal(o[dropped], e)
+        assert torch.equal(o[~dropped], f[~dropped])
+    assert torch.equal(out_mask[~dropped], mask[~dropped])
+    # Same generator seed, same draws (resume and multi-process runs rely on it); p = 0 draws nothing.
+    again, _ = drop_captions(feats, mask, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], out[0])
+    gen = torch.Generator().manual_seed(0)
+    same, same_mask = drop_captions(feats, mask, 0.0, gen)
+    assert same_mask is mask and all(s is f for s, f in zip(same, feats, strict=True))
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())

@@ -162,6 +162,8 @@ class TrainSection:
     ``base_dtype`` (LoRA only): dtype of the frozen weights; ``auto`` = bf16 on CUDA, fp32 on CPU.
     ``grad_accum`` micro-batches per optimizer step per process. ``ema_decay`` 0 = no EMA.
     ``checkpoint_every`` 0 = only at the end; ``keep_checkpoints`` newest complete ones kept.
+    ``caption_dropout``: fraction of captions replaced by the empty prompt (what CFG's
+    unconditional branch sees); 0.1 is usual when training from scratch, 0 for fine-tunes.
     """
 
     output_dir: str = "lens-train-output"
@@ -178,6 +180,7 @@ class TrainSection:
     base_dtype: str = "auto"
     gradient_checkpointing: bool = True
     ema_decay: float = 0.0
+    caption_dropout: float = 0.0
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 500
@@ -197,6 +200,8 @@ class TrainSection:
             raise ValueError("[train] grad_accum and max_steps must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"[train] ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"[train] caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
 
 @dataclass

@@ -101,7 +101,7 @@ def train_config(pipeline: Path, data: Path, out: Path, steps: int, batch: int, 
                    "seeds": [0], "steps": 20, "cfg": 4.0, "width": AREA, "height": AREA},
         "train": {"output_dir": str(out), "mode": "full", "max_steps": steps, "learning_rate": lr,
                   "warmup_steps": min(200, steps // 10), "weight_decay": 0.0, "gradient_checkpointing": False,
-                  "ema_decay": 0.998, "checkpoint_every": 500, "device": "cpu", "seed": 0},
+                  "ema_decay": 0.998, "caption_dropout": 0.1, "checkpoint_every": 500, "device": "cpu", "seed": 0},
     }
 
 
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["vae", "data", "init", "train", "eval", "export", "all"])
     p.add_argument("--out", type=Path, default=Path("runs/lens-toy"))
-    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--images", type=int, default=12000)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=7000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-prompts", type=int, default=96)
@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     for stage in stages:
         print(f"== {stage} ({time.time() - t0:.0f} s)")
         if stage == "vae":
-            vae = train_vae(toy_configs()[2], toy_image_batches(8, AREA, args.seed), args.vae_steps, seed=args.seed)
+            crops = toy_image_batches(16, AREA, args.seed, crop=AREA // 2)
+            frames = toy_image_batches(16, AREA, args.seed + 1)
+            vae = train_vae(toy_configs()[2], crops, args.vae_steps, lr=1e-3, seed=args.seed, stats_images=frames)
             save_vae(vae, out / "vae")
         elif stage == "data":
             write_dataset(out / "data", args.images, args.seed)

@@ -121,6 +121,20 @@ def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.
     return F.mse_loss(prediction.float(), target.float())
 
 
+def drop_captions(
+    feats: Sequence[torch.Tensor], mask: torch.Tensor, p: float, generator: torch.Generator
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Replace each caption, with probability ``p``, by the empty prompt Lens samples CFG against.
+
+    The empty prompt is zero features with an all-False mask (``lens_core.prompt.empty_features``):
+    training on it is what gives the unconditional branch of classifier-free guidance a meaning.
+    """
+    if p <= 0.0:
+        return list(feats), mask
+    keep = (torch.rand(mask.shape[0], generator=generator) >= p).to(mask.device)
+    return [f * keep[:, None, None].to(f.dtype) for f in feats], mask & keep[:, None]
+
+
 def batch_generator(seed: int, position: int) -> torch.Generator:
     """The CPU generator of global batch ``position``: its noise and timesteps depend on nothing else."""
     return torch.Generator().manual_seed(mix_seed(seed, position, 0x5EED))

@@ -56,7 +56,7 @@ from .data import (
 from .ema import EMA
 from .logs import LossLog
 from .lora import add_lora, freeze_dead_parameters, load_lora_state_dict, lora_state_dict, save_lora
-from .objective import batch_generator, flow_matching_loss, noise_batch
+from .objective import batch_generator, drop_captions, flow_matching_loss, noise_batch
 from .previews import PromptFeatures, render_previews
 
 log = logging.getLogger("training")
@@ -441,7 +441,9 @@ class Trainer:
 
     def _micro_step(self, batch, position: int, accum: int, sync: bool) -> tuple[torch.Tensor, int, int]:
         x0, feats, mask, grid_hw = self._model_inputs(batch)
-        noised = noise_batch(x0, self.timesteps, batch_generator(self.cfg.train.seed, position))
+        gen = batch_generator(self.cfg.train.seed, position)
+        noised = noise_batch(x0, self.timesteps, gen)
+        feats, mask = drop_captions(feats, mask, self.cfg.train.caption_dropout, gen)
         ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
         with ctx:
             with self.acc.autocast():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,13 +71,22 @@ def fit_latent_stats(vae: Flux2VAE, batches: Iterator[torch.Tensor]) -> None:
     vae.bn.running_var.copy_(var.to(vae.bn.running_var.dtype))
 
 
-def toy_image_batches(batch: int, size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless batches ``[batch, 3, size, size]`` in [-1, 1] of Lens-Toy scenes."""
+def toy_image_batches(batch: int, size: int, seed: int, crop: int | None = None) -> Iterator[torch.Tensor]:
+    """Endless batches ``[batch, 3, crop or size, crop or size]`` in [-1, 1] of Lens-Toy scenes.
+
+    Scenes are rendered at ``size``; a ``crop`` takes a random square window of each, which keeps
+    the object scale of ``size`` at a fraction of the cost (a convolutional VAE sees local detail).
+    """
     from .toy_scenes import render_scene, sample_scene
 
     rng = np.random.default_rng(seed)
+    side = crop or size
     while True:
-        imgs = [np.asarray(render_scene(sample_scene(rng), size, size), dtype=np.float32) for _ in range(batch)]
+        imgs = []
+        for _ in range(batch):
+            img = np.asarray(render_scene(sample_scene(rng), size, size), dtype=np.float32)
+            y, x = rng.integers(0, size - side + 1, size=2)
+            imgs.append(img[y:y + side, x:x + side])
         yield torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
@@ -101,23 +111,43 @@ def train_vae(
     seed: int = 0,
     stats_batches: int = 16,
     log: Callable[[int, dict[str, float]], None] | None = None,
+    stats_images: Iterator[torch.Tensor] | None = None,
+    warmup: int = 100,
 ) -> Flux2VAE:
-    """Train a VAE from scratch on ``batches``; returns it with fitted latent statistics."""
+    """Train a VAE from scratch on ``batches``; returns it with fitted latent statistics.
+
+    The learning rate warms up linearly over ``warmup`` steps, then follows a cosine to 2% of
+    ``lr``: the late low-LR steps are what pin exact colours, which ToyEval reads. Latent
+    statistics come from ``stats_images`` (full frames, as the MMDiT will see) or else ``batches``.
+    """
     torch.manual_seed(seed)
     vae = Flux2VAE(config)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(seed)
     vae.train()
-    for step in tqdm(range(steps), desc="vae", unit="step"):
+    bar = tqdm(range(steps), desc="vae", unit="step")
+    for step in bar:
         loss, stats = vae_loss(vae, next(batches), kl_weight, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(l1=f"{stats['l1']:.4f}")
         if log is not None:
             log(step, stats)
     vae.eval()
-    fit_latent_stats(vae, (next(batches) for _ in range(stats_batches)))
+    source = stats_images if stats_images is not None else batches
+    fit_latent_stats(vae, (next(source) for _ in range(stats_batches)))
     return vae
 
 
@@ -126,14 +156,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder (diffusers vae/ layout)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=128, help="training image size (multiple of 16)")
+    p.add_argument("--size", type=int, default=128, help="scene render size (multiple of 16)")
+    p.add_argument("--crop", type=int, default=None, help="train on random square crops of this side")
     p.add_argument("--channels", type=int, nargs=4, default=(32, 64, 64, 64), help="block_out_channels")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     config = VAEConfig(block_out_channels=tuple(args.channels), layers_per_block=1, norm_num_groups=16)
     t0 = time.time()
-    vae = train_vae(config, toy_image_batches(args.batch, args.size, args.seed), args.steps, args.lr, seed=args.seed)
+    batches = toy_image_batches(args.batch, args.size, args.seed, crop=args.crop)
+    stats = toy_image_batches(args.batch, args.size, args.seed + 1)
+    vae = train_vae(config, batches, args.steps, args.lr, seed=args.seed, stats_images=stats)
     print(f"trained in {time.time() - t0:.0f} s -> {save_vae(vae, args.out)}")
 
 
