@@ -95,6 +95,27 @@ def _prefix_view(source: TensorSource, anchor: str, expected: str, what: str) ->
     return source.renamed({k: expected + k[len(prefix):] for k in source if k.startswith(prefix)})
 
 
+def _comfy_view(source: TensorSource) -> TensorSource:
+    """ComfyUI's fp8 / quantised layouts (fp8 dtypes, ``comfy_quant``, the ``scaled_fp8`` marker) and
+    its GPT-OSS expert banks read through :class:`quant.comfy_quant.PackedSource`, which keeps the
+    quantised weights packed; any other checkpoint as it is."""
+    comfy = (
+        any(d.startswith("F8_") for d in source.dtypes.values())
+        or "_quantization_metadata" in source.metadata
+        or any(k.endswith(("comfy_quant", "scaled_fp8", "experts.gate_up_proj.weight")) for k in source)
+    )
+    if not comfy:
+        return source
+    from quant.comfy_quant import PackedSource
+
+    return PackedSource(source)  # type: ignore[return-value]
+
+
+def _is_packed(source: TensorSource) -> bool:
+    """True for a :func:`_comfy_view` of a ComfyUI layout (its models need ``quant`` layers)."""
+    return not isinstance(source, TensorSource)
+
+
 def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d for d in shape if d != 1)
 
@@ -166,7 +187,10 @@ def build_and_load(
             f"out of memory while loading {what} onto {device} (needs {n_bytes / 2**30:.1f} GiB): "
             "use a smaller dtype (bfloat16), a quantised (GGUF) file, or another device.",
         ) from e
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # e.g. a packed weight on a layer that cannot hold it
+        raise CheckpointError(source.root, f"cannot load {what}: {e}") from e
     return model.eval().requires_grad_(False)
 
 
@@ -184,7 +208,7 @@ def open_mmdit(path: str | Path) -> tuple[TensorSource, MMDiTConfig]:
     """The MMDiT tensors (prefix stripped) and config: sizes from the shapes, the encoder layers
     it reads from ``config.json``/metadata where present."""
     path = component_path(path, "transformer")
-    source = _prefix_view(TensorSource.open(path), MMDIT_ANCHOR, "", "a Lens MMDiT")
+    source = _prefix_view(_comfy_view(TensorSource.open(path)), MMDIT_ANCHOR, "", "a Lens MMDiT")
     try:
         config = MMDiTConfig.from_state_dict_shapes(source.shapes)
     except ValueError as e:
@@ -216,6 +240,12 @@ def load_mmdit_config(path: str | Path) -> MMDiTConfig:
     return open_mmdit(path)[1]
 
 
+def is_packed_mmdit(path: str | Path) -> bool:
+    """True when :func:`load_mmdit` keeps the weights of ``path`` packed in ``quant``'s layers (GGUF,
+    fp8, ComfyUI quantised), so a caller with its own layers must hand it GGML-aware operations."""
+    return is_gguf(path) or _is_packed(open_mmdit(path)[0])
+
+
 def load_mmdit(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -223,7 +253,8 @@ def load_mmdit(
     operations=DEFAULT_OPS,
 ) -> LensMMDiT:
     """Load a Lens MMDiT from a diffusers folder, a sharded folder, a single (prefixed) file, or a
-    GGUF file (weights stay quantised, dequantised per call by ``quant.layers``)."""
+    GGUF file (weights stay quantised, dequantised per call by ``quant.layers``).  fp8 and ComfyUI
+    quantised safetensors (scaled fp8, ``comfy_quant`` mxfp8/nvfp4...) stay packed the same way."""
     dtype = dtype or default_dtype(device)
     _check_dtype(dtype)
     if is_gguf(path):
@@ -231,6 +262,8 @@ def load_mmdit(
 
         return load_mmdit_gguf(path, device, dtype, operations=_gguf_ops(operations))
     source, config = open_mmdit(path)
+    if _is_packed(source):  # fp8 / ComfyUI quantised: weights stay packed in quant's layers
+        operations = _gguf_ops(operations)
     return build_and_load(
         lambda: LensMMDiT(config, operations=operations, dtype=dtype), source, "the Lens MMDiT", device
     )
@@ -246,7 +279,8 @@ def load_text_encoder(
     """Load the GPT-OSS feature encoder (HF folder, sharded or single file; bf16 or MXFP4 experts).
 
     Only layers up to ``max(selected_layers)`` are read; the final norm and LM head are skipped.
-    MXFP4 expert blocks stay uint8 in memory. llama.cpp GGUF files load through ``quant``.
+    MXFP4 expert blocks stay uint8 in memory. llama.cpp GGUF files load through ``quant``, and so
+    do ComfyUI's files (expert banks, nvfp4 experts, embedded ``tokenizer_json``; kept packed).
     """
     dtype = dtype or default_dtype(device)
     _check_dtype(dtype)
@@ -255,10 +289,19 @@ def load_text_encoder(
 
         return load_gpt_oss_gguf(path, selected_layers, device, dtype, operations=_gguf_ops(operations))
     path = component_path(path, "text_encoder")
-    source = _prefix_view(TensorSource.open(path), ENCODER_ANCHOR, "model.", "a GPT-OSS text encoder")
+    source = _prefix_view(
+        _comfy_view(TensorSource.open(path)), ENCODER_ANCHOR, "model.", "a GPT-OSS text encoder"
+    )
+    packed = _is_packed(source)
+    shapes = source.shapes
+    if packed:
+        from quant.comfy_quant import gpt_oss_config_shapes, use_expert_banks
+
+        shapes = gpt_oss_config_shapes(shapes)  # ComfyUI's expert banks, as HF names and layout
+        operations = _gguf_ops(operations)
     declared = _read_json_config(path, source)
     try:
-        config = GptOssConfig.from_json(declared) if declared else GptOssConfig.from_state_dict_shapes(source.shapes)
+        config = GptOssConfig.from_json(declared) if declared else GptOssConfig.from_state_dict_shapes(shapes)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(source.root, f"not a GPT-OSS text encoder: {e}") from e
     if max(selected_layers) >= config.num_hidden_layers:
@@ -273,16 +316,22 @@ def load_text_encoder(
 
     def beyond_last(k: str) -> bool:
         m = layer_rx.match(k)
-        return (m is not None and int(m.group(1)) > last) or k in ("model.norm.weight", "lm_head.weight")
+        return (m is not None and int(m.group(1)) > last) or k.endswith(
+            ("model.norm.weight", "lm_head.weight", "tokenizer_json")  # ComfyUI files embed the tokenizer
+        )
 
-    return build_and_load(
-        lambda: GptOssEncoder(
+    def build() -> GptOssEncoder:
+        encoder = GptOssEncoder(
             config,
             selected_layers=tuple(selected_layers),
             expert_format="mxfp4" if mxfp4 else "dense",
             operations=operations,
             dtype=dtype,
-        ),
+        )
+        return use_expert_banks(encoder, source, dtype=dtype) if packed else encoder
+
+    return build_and_load(
+        build,
         source,
         "the GPT-OSS text encoder",
         device,

@@ -84,6 +84,36 @@ def dequantize_mxfp4(
     return torch.ldexp(values, exponent).flatten(-2)
 
 
+def shared_exponents(amax: torch.Tensor, element_max: float) -> torch.Tensor:
+    """Per-group E8M0 exponents: the smallest ``e`` with ``amax / 2**e <= element_max`` (nothing is
+    clipped), -127 for all-zero groups, clamped to the E8M0 range [-127, 127]. int32, ``amax``'s shape.
+    """
+    # e = ceil(log2(amax / max)), done exactly with frexp: amax / max = m * 2**k, m in [0.5, 1);
+    # e = k - 1 when m == 0.5 (exact power of two), else k.
+    mantissa, k = torch.frexp(amax.float() / element_max)
+    exponent = torch.where(mantissa == 0.5, k - 1, k)
+    exponent = torch.where(amax > 0, exponent, torch.full_like(exponent, -E8M0_BIAS))
+    exponent = exponent.clamp(-E8M0_BIAS, E8M0_BIAS)
+    # amax / max rounds in fp32, so re-check the bound and step up where it was missed.
+    scaled_max = torch.ldexp(amax.float(), -exponent)
+    return torch.where(scaled_max > element_max, exponent + 1, exponent).clamp(max=E8M0_BIAS)
+
+
+def e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values to the nearest E2M1 code (ties to the even code; beyond 6 saturates).
+
+    Returns uint8 codes 0..15 (8..15 negative; -0 becomes code 0), indices into :func:`e2m1_table`.
+    """
+    magnitude = scaled.abs()
+    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=scaled.device)
+    midpoints = (mags[1:] + mags[:-1]) / 2  # [7]
+    code = torch.bucketize(magnitude, midpoints)  # ties land on the lower code
+    tie_to_odd = (magnitude == midpoints[code.clamp(max=midpoints.numel() - 1)]) & (code % 2 == 1)
+    code = code + tie_to_odd.long()
+    code = code + 8 * ((scaled < 0) & (code > 0)).long()
+    return code.to(torch.uint8)
+
+
 def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest MXFP4 quantiser (ties to the even code).
 
@@ -105,27 +135,8 @@ def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not bool(torch.isfinite(x).all()):
         raise ValueError("quantize_mxfp4: input holds inf or NaN")
     groups = x.float().contiguous().view(*x.shape[:-1], x.shape[-1] // GROUP_SIZE, GROUP_SIZE)  # [..., G, 32]
-    amax = groups.abs().amax(dim=-1)  # [..., G]
-
-    # Smallest e with amax / 2**e <= 6, i.e. e = ceil(log2(amax / 6)), done exactly with frexp:
-    # amax / 6 = m * 2**k, m in [0.5, 1); e = k - 1 when m == 0.5 (exact power of two), else k.
-    mantissa, k = torch.frexp(amax / E2M1_MAX)
-    exponent = torch.where(mantissa == 0.5, k - 1, k)
-    exponent = torch.where(amax > 0, exponent, torch.full_like(exponent, -E8M0_BIAS))
-    exponent = exponent.clamp(-E8M0_BIAS, E8M0_BIAS)
-    # amax / 6 rounds in fp32, so re-check the bound and step up where it was missed.
-    scaled_max = torch.ldexp(amax, -exponent)
-    exponent = torch.where(scaled_max > E2M1_MAX, exponent + 1, exponent).clamp(max=E8M0_BIAS)
-
-    scaled = torch.ldexp(groups, -exponent.unsqueeze(-1))  # |scaled| <= 6
-    magnitude = scaled.abs()
-    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=x.device)
-    midpoints = (mags[1:] + mags[:-1]) / 2  # [7]
-    code = torch.bucketize(magnitude, midpoints)  # ties land on the lower code
-    tie_to_odd = (magnitude == midpoints[code.clamp(max=midpoints.numel() - 1)]) & (code % 2 == 1)
-    code = code + tie_to_odd.long()
-    code = code + 8 * ((scaled < 0) & (code > 0)).long()
-    code = code.to(torch.uint8)  # [..., G, 32]
+    exponent = shared_exponents(groups.abs().amax(dim=-1), E2M1_MAX)  # [..., G]
+    code = e2m1_codes(torch.ldexp(groups, -exponent.unsqueeze(-1)))  # [..., G, 32]
     blocks = code[..., 0::2] | (code[..., 1::2] << 4)  # [..., G, 16]
     scales = (exponent + E8M0_BIAS).to(torch.uint8)  # [..., G]
     return blocks.contiguous(), scales.contiguous()

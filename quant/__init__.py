@@ -3,7 +3,9 @@
 ``GGUFFile`` opens a file lazily (memory map, lazy tokenizer arrays); ``dequantize`` turns ggml
 blocks into fp32/fp16/bf16 on CPU or CUDA, bit-exact with ``gguf.quants.dequantize``.
 
-On top of it: ``GGMLOps`` (quantised Linear/Embedding layers for any lens_core model),
+On top of it: ``GGMLOps`` (quantised Linear/Embedding layers for any lens_core model; they also
+hold the fp8 / MXFP8 / NVFP4 weights of ComfyUI's safetensors files, ``fp_formats`` and
+``comfy_quant``, which ``lens_core.loading`` uses for such files),
 ``quantize`` (torch quantisers incl. the K-quants), ``load_mmdit_gguf`` / ``load_gpt_oss_gguf`` /
 ``load_gguf_tokenizer`` (models from GGUF files) and ``convert_mmdit`` (``lens-quantize``).  The
 model loaders and the converter import lens_core models, so they are loaded on first use.
@@ -18,6 +20,7 @@ from .layers import (
     GGMLLinear,
     GGMLOps,
     LoraPatch,
+    PackedWeight,
     QuantizedWeight,
     apply_lora_file,
     apply_lora_patches,
@@ -33,6 +36,8 @@ _LAZY = {
     "load_gguf_tokenizer": "gpt_oss_gguf",
     "write_gpt_oss_gguf": "gpt_oss_gguf",
     "convert_mmdit": "convert",
+    "convert_mmdit_comfy": "comfy_quant",
+    "write_gpt_oss_comfy": "comfy_quant",
 }
 
 
@@ -60,10 +65,12 @@ __all__ = [
     "GGUFValueType",
     "LazyStringArray",
     "LoraPatch",
+    "PackedWeight",
     "QuantizedWeight",
     "apply_lora_file",
     "apply_lora_patches",
     "convert_mmdit",
+    "convert_mmdit_comfy",
     "dequantize",
     "is_gguf",
     "load_gguf_tokenizer",
@@ -72,5 +79,6 @@ __all__ = [
     "load_mmdit_gguf_config",
     "quantize",
     "quantize_with_values",
+    "write_gpt_oss_comfy",
     "write_gpt_oss_gguf",
 ]

@@ -1,4 +1,6 @@
-"""``lens-quantize``: convert a Lens MMDiT checkpoint (safetensors) into a quantised GGUF.
+"""``lens-quantize``: convert a Lens MMDiT checkpoint (safetensors) into a quantised GGUF, or (types
+``fp8_e4m3fn``, ``fp8_scaled``, ``mxfp8``, ``nvfp4``) into a ComfyUI quantised safetensors file
+(:func:`quant.comfy_quant.convert_mmdit_comfy`).
 
 The output follows the ComfyUI-GGUF convention (``general.architecture`` = ``"lens"``, tensors keep
 their safetensors names without any ``model.diffusion_model.`` prefix, 1-D and tiny tensors F32),
@@ -269,15 +271,22 @@ def convert_mmdit(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lens-quantize IN OUT --type TYPE``: quantise a Lens MMDiT to GGUF."""
+    """``lens-quantize IN OUT --type TYPE``: quantise a Lens MMDiT to GGUF or ComfyUI safetensors."""
+    from .comfy_quant import MMDIT_TYPES, convert_mmdit_comfy
+
     parser = argparse.ArgumentParser(
         prog="lens-quantize",
-        description="Quantise a Lens MMDiT (safetensors file or diffusers folder) to a GGUF file.",
+        description="Quantise a Lens MMDiT (safetensors file or diffusers folder) to a GGUF file, or to a "
+        f"ComfyUI safetensors file ({', '.join(MMDIT_TYPES)}).",
     )
     parser.add_argument("input", help="MMDiT .safetensors file, sharded folder or pipeline root")
-    parser.add_argument("output", help="output .gguf path (written atomically)")
+    parser.add_argument("output", help="output .gguf (.safetensors for the ComfyUI types), written atomically")
     parser.add_argument(
-        "--type", default="Q8_0", choices=CHOICES, dest="qtype", help="quantisation type (default Q8_0)"
+        "--type",
+        default="Q8_0",
+        choices=(*CHOICES, *MMDIT_TYPES),
+        dest="qtype",
+        help="quantisation type (default Q8_0)",
     )
     parser.add_argument("--name", default=None, help="general.name stored in the file")
     parser.add_argument("--quiet", action="store_true", help="no per-tensor progress")
@@ -286,10 +295,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     def show(i: int, n: int, tname: str) -> None:
         print(f"[{i + 1}/{n}] {tname}", file=sys.stderr, flush=True)
 
+    comfy = args.qtype in MMDIT_TYPES
+    wanted = ".safetensors" if comfy else ".gguf"
+    if Path(args.output).suffix.lower() != wanted:
+        print(f"lens-quantize: error: --type {args.qtype} writes a {wanted} file, not {args.output}", file=sys.stderr)
+        return 2
+    progress = None if args.quiet else show
     try:
-        report = convert_mmdit(
-            args.input, args.output, args.qtype, progress=None if args.quiet else show, name=args.name
-        )
+        if comfy:
+            report = convert_mmdit_comfy(args.input, args.output, args.qtype, progress=progress)
+        else:
+            report = convert_mmdit(args.input, args.output, args.qtype, progress=progress, name=args.name)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"lens-quantize: error: {e}", file=sys.stderr)
         return 2

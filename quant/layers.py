@@ -1,4 +1,4 @@
-"""Layers that keep GGUF weights in their ggml block format and decode them on every call.
+"""Layers that keep weights in a packed format (GGUF blocks, fp8, MXFP8, NVFP4) and decode them on every call.
 
 :class:`GGMLOps` is an ``operations`` factory (see :mod:`lens_core.ops`): a model built with
 ``LensMMDiT(config, operations=GGMLOps)`` or ``GptOssEncoder(..., operations=GGMLOps)`` gets
@@ -6,10 +6,11 @@
 ComfyUI-GGUF's custom operations, the quantised weight of a layer is only its raw bytes (a uint8
 buffer, the ggml type and the logical shape); each forward pass decodes it to the input's dtype on
 the input's device (only the compressed bytes cross the bus when the layer lives elsewhere) and
-runs a dense ``F.linear``.  F32/F16/BF16 tensors are loaded as ordinary dense parameters.
+runs a dense ``F.linear``.  F32/F16/BF16 tensors are loaded as ordinary dense parameters.  The
+same layers hold the safetensors formats of :mod:`quant.fp_formats` (any :class:`PackedWeight`).
 
 Quantised weights enter a layer through ``load_state_dict``: a value that is a
-:class:`QuantizedWeight` (rather than a tensor) is taken over as it is (always by reference, as
+:class:`PackedWeight` (rather than a tensor) is taken over as it is (always by reference, as
 with ``assign=True``), and ``state_dict()`` gives it back the same way.  ``load_state_dict`` with a
 plain tensor turns the layer back into a dense one.
 
@@ -48,6 +49,7 @@ __all__ = [
     "GGMLLinear",
     "GGMLOps",
     "LoraPatch",
+    "PackedWeight",
     "QuantizedWeight",
     "apply_lora_file",
     "apply_lora_patches",
@@ -68,18 +70,108 @@ FLOAT_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 # ---------------------------------------------------------------------------------------------
 
 
-class QuantizedWeight:
+class PackedWeight:
+    """A weight kept in a compressed storage format and decoded at use.
+
+    Subclasses hold one or more storage tensors (:meth:`tensors`, e.g. codes and block scales) and
+    a logical ``shape``; :meth:`dequantize` turns them into a dense tensor.  The layers below store
+    the tensors as non-persistent buffers ``weight_<name>`` (so ``module.to(device)`` moves them)
+    and rebuild the object with :meth:`with_tensors`.  :class:`QuantizedWeight` is the ggml kind;
+    :mod:`quant.fp_formats` adds fp8, MXFP8 and NVFP4.
+
+    ``to(device)`` moves the storage; a ``dtype`` argument is accepted for code that casts every
+    tensor it loads, and ignored: the data keeps its format and is decoded to the dtype of the
+    input at use.
+    """
+
+    shape: tuple[int, ...]
+    is_float = False
+    """Plain float storage: a layer turns it into an ordinary dense parameter."""
+    decodable = True
+    row_access = False
+    """:meth:`rows` works (needed to keep an embedding table packed)."""
+
+    @property
+    def kind(self) -> str:
+        """Short format name for messages and ``repr``."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The storage tensors by name."""
+        raise NotImplementedError
+
+    def with_tensors(self, tensors: Mapping[str, torch.Tensor]) -> PackedWeight:
+        """The same weight on other storage tensors (moved or copied versions of :meth:`tensors`)."""
+        raise NotImplementedError
+
+    def dequantize(
+        self,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The dense weight in ``dtype`` (fp32 default) on ``device`` (default: where the data is);
+        ``out``, a 1-D buffer of ``numel()`` values of that dtype, may receive it."""
+        raise NotImplementedError
+
+    def rows(self, index: torch.Tensor) -> PackedWeight:
+        """The rows ``index`` (first axis) of a 2-D weight, still packed (see :attr:`row_access`)."""
+        raise NotImplementedError(f"{self.kind} weights have no row access")
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors().values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype of the main tensor; the decoded dtype is chosen at use."""
+        return next(iter(self.tensors().values())).dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return torch.Size(self.shape) if dim is None else self.shape[dim]
+
+    def to(self, *args: Any, **kwargs: Any) -> PackedWeight:
+        """Move the storage (``to(device)``, ``to(device=..., dtype=...)``); dtypes are ignored."""
+        device = kwargs.get("device")
+        for a in args:
+            if isinstance(a, (str, torch.device)):
+                device = a
+        if device is None or torch.device(device) == self.device:
+            return self
+        non_blocking = bool(kwargs.get("non_blocking", False))
+        return self.with_tensors({k: t.to(device, non_blocking=non_blocking) for k, t in self.tensors().items()})
+
+    def clone(self) -> PackedWeight:
+        """A copy whose storage is ordinary writable memory (e.g. detached from a file map)."""
+        return self.with_tensors({k: t.clone() for k, t in self.tensors().items()})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.kind}, shape={self.shape}, {self.nbytes} bytes on {self.device})"
+
+
+class QuantizedWeight(PackedWeight):
     """One tensor in ggml block format: ``raw`` bytes (1-D uint8), ``ggml_type``, logical ``shape``.
 
     ``shape`` is in torch order (rows last-axis-contiguous, as ggml stores them).  The bytes may be
     a read-only view of a memory-mapped GGUF file: never write into ``raw``.
-
-    ``to(device)`` moves the bytes; a ``dtype`` argument is accepted for code that casts every
-    tensor it loads, and ignored: the blocks keep their format and are decoded to the dtype of the
-    input at use.
     """
 
-    __slots__ = ("raw", "ggml_type", "shape")
+    row_access = True
 
     def __init__(self, raw: torch.Tensor, ggml_type: int, shape: Sequence[int]) -> None:
         shape = tuple(int(s) for s in shape)
@@ -97,6 +189,16 @@ class QuantizedWeight:
         self.shape = shape
 
     @property
+    def kind(self) -> str:
+        return self.ggml_type.name
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"raw": self.raw}
+
+    def with_tensors(self, tensors: Mapping[str, torch.Tensor]) -> QuantizedWeight:
+        return QuantizedWeight(tensors["raw"], self.ggml_type, self.shape)
+
+    @property
     def device(self) -> torch.device:
         return self.raw.device
 
@@ -106,47 +208,16 @@ class QuantizedWeight:
         return torch.uint8
 
     @property
-    def is_float(self) -> bool:
+    def is_float(self) -> bool:  # type: ignore[override]
         return self.ggml_type in FLOAT_TYPES
 
     @property
-    def decodable(self) -> bool:
+    def decodable(self) -> bool:  # type: ignore[override]
         return int(self.ggml_type) in BLOCK_INFO
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
     @property
     def nbytes(self) -> int:
         return self.raw.numel()
-
-    def size(self, dim: int | None = None) -> torch.Size | int:
-        return torch.Size(self.shape) if dim is None else self.shape[dim]
-
-    def to(self, *args: Any, **kwargs: Any) -> QuantizedWeight:
-        """Move the bytes (``to(device)``, ``to(device=..., dtype=...)``); dtypes are ignored."""
-        device = kwargs.get("device")
-        for a in args:
-            if isinstance(a, (str, torch.device)):
-                device = a
-        if device is None or torch.device(device) == self.raw.device:
-            return self
-        return QuantizedWeight(
-            self.raw.to(device, non_blocking=bool(kwargs.get("non_blocking", False))),
-            self.ggml_type,
-            self.shape,
-        )
-
-    def clone(self) -> QuantizedWeight:
-        """A copy whose bytes are ordinary writable memory (e.g. detached from a file map)."""
-        return QuantizedWeight(self.raw.clone(), self.ggml_type, self.shape)
 
     def dequantize(
         self,
@@ -170,9 +241,6 @@ class QuantizedWeight:
             0, index.reshape(-1).to(self.raw.device)
         )
         return QuantizedWeight(picked.reshape(-1), self.ggml_type, (picked.shape[0], self.shape[1]))
-
-    def __repr__(self) -> str:
-        return f"QuantizedWeight({self.ggml_type.name}, shape={self.shape}, {self.nbytes} bytes on {self.device})"
 
 
 def quantized_bytes(ggml_type: int, shape: Sequence[int]) -> int:
@@ -251,37 +319,67 @@ def _as_patch(p: LoraPatch | Sequence[Any]) -> LoraPatch:
 # ---------------------------------------------------------------------------------------------
 
 
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s storage as 1-D uint8 (``t`` itself when it already is)."""
+    if t.dtype == torch.uint8 and t.dim() == 1:
+        return t
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _from_bytes(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_as_bytes` for a tensor of ``like``'s dtype and shape."""
+    if raw.dtype == like.dtype and raw.shape == like.shape:
+        return raw
+    return raw.view(like.dtype).view(like.shape)
+
+
 class _GGMLWeightMixin:
-    """Holds the quantised weight of a layer (``weight`` is then None) and loads/saves it."""
+    """Holds the packed weight of a layer (``weight`` is then None) and loads/saves it.
+
+    The packed weight's storage tensors live in non-persistent uint8 buffers ``weight_<name>``
+    (``weight_raw`` for ggml blocks), immune to ``module.to(dtype)``; ``_packed`` keeps the format,
+    the logical shape and each tensor's dtype and shape (on the meta device).
+    """
 
     weight: nn.Parameter | None
-    weight_raw: torch.Tensor
-    weight_type: GGMLType | None = None
-    weight_shape: tuple[int, ...] | None = None
+    _packed: PackedWeight | None = None
 
     def _init_ggml(self) -> None:
-        self.weight_type = None
-        self.weight_shape = None
+        self._packed = None
         self._cache: tuple[torch.dtype, torch.device, torch.Tensor] | None = None
 
     @property
     def is_quantized(self) -> bool:
-        return self.weight_type is not None
+        return self._packed is not None
 
     @property
-    def qweight(self) -> QuantizedWeight | None:
-        """The quantised weight, or None for a dense layer."""
-        if self.weight_type is None:
+    def weight_type(self) -> GGMLType | str | None:
+        """The ggml type of a GGUF weight, the format name of another packed weight, None if dense."""
+        q = self._packed
+        if q is None:
             return None
-        return QuantizedWeight(self.weight_raw, self.weight_type, self.weight_shape)  # type: ignore[arg-type]
+        return q.ggml_type if isinstance(q, QuantizedWeight) else q.kind
+
+    @property
+    def weight_shape(self) -> tuple[int, ...] | None:
+        return None if self._packed is None else self._packed.shape
+
+    @property
+    def qweight(self) -> PackedWeight | None:
+        """The packed weight (on the layer's current storage), or None for a dense layer."""
+        q = self._packed
+        if q is None:
+            return None
+        stored = {name: _from_bytes(getattr(self, f"weight_{name}"), like) for name, like in q.tensors().items()}
+        return q.with_tensors(stored)
 
     def logical_weight_shape(self) -> tuple[int, ...]:
-        if self.weight_shape is not None:
-            return self.weight_shape
+        if self._packed is not None:
+            return self._packed.shape
         assert self.weight is not None
         return tuple(self.weight.shape)
 
-    def set_quantized_weight(self, q: QuantizedWeight) -> None:
+    def set_quantized_weight(self, q: PackedWeight) -> None:
         """Replace the weight by ``q`` (no copy).  Float types become a dense parameter instead."""
         expected = self._expected_weight_shape()
         if tuple(q.shape) != expected:
@@ -289,6 +387,8 @@ class _GGMLWeightMixin:
         if not q.decodable:
             raise NotImplementedError(
                 f"no dequantisation kernel for ggml type {type_name(q.ggml_type)} ({int(q.ggml_type)})"
+                if isinstance(q, QuantizedWeight)
+                else f"no decoder for {q.kind} weights"
             )
         self._cache = None
         if q.is_float:
@@ -297,21 +397,33 @@ class _GGMLWeightMixin:
             dense = q.dequantize(dtype if dtype in OUTPUT_DTYPES else torch.float32)
             self._set_dense(nn.Parameter(dense.to(dtype), requires_grad=False))
             return
+        self._drop_packed()
         self.weight = None  # type: ignore[assignment]
-        self.register_buffer("weight_raw", q.raw, persistent=False)  # type: ignore[attr-defined]
-        self.weight_type = q.ggml_type
-        self.weight_shape = tuple(q.shape)
+        for name, t in q.tensors().items():
+            # As bytes, so module.to(dtype) / .half() leave fp8 codes and fp32 scales alone.
+            self.register_buffer(f"weight_{name}", _as_bytes(t), persistent=False)  # type: ignore[attr-defined]
+        # The template keeps format and shape on storage-free meta tensors: the buffers are the data.
+        self._packed = q.with_tensors({k: torch.empty_like(t, device="meta") for k, t in q.tensors().items()})
+
+    def _drop_packed(self) -> None:
+        if self._packed is not None:
+            for name in self._packed.tensors():
+                del self._buffers[f"weight_{name}"]  # type: ignore[attr-defined]
+            self._packed = None
 
     def _set_dense(self, param: nn.Parameter | None) -> None:
         self._cache = None
-        if self.weight_type is not None:
-            del self._buffers["weight_raw"]  # type: ignore[attr-defined]
-            self.weight_type = None
-            self.weight_shape = None
+        self._drop_packed()
         self.weight = param  # type: ignore[assignment]
 
     def _expected_weight_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def _packed_repr(self) -> str:
+        q = self._packed
+        if q is None:
+            return ""
+        return f", ggml_type={q.kind}" if isinstance(q, QuantizedWeight) else f", format={q.kind}"
 
     # -- state dict ------------------------------------------------------------------------------
 
@@ -326,7 +438,7 @@ class _GGMLWeightMixin:
     ):
         key = prefix + "weight"
         value = state_dict.get(key)
-        if isinstance(value, QuantizedWeight):
+        if isinstance(value, PackedWeight):
             state_dict.pop(key)
             try:
                 self.set_quantized_weight(value)
@@ -334,10 +446,10 @@ class _GGMLWeightMixin:
                 error_msgs.append(f"While loading {key!r}: {e}")
             if value.is_float:  # now dense: let torch check the rest as usual
                 state_dict[key] = self.weight.data  # type: ignore[union-attr]
-        elif isinstance(value, torch.Tensor) and self.weight_type is not None:
+        elif isinstance(value, torch.Tensor) and self._packed is not None:
             # A dense tensor for a layer that holds a quantised weight: become dense again.
             self._set_dense(nn.Parameter(torch.empty_like(value), requires_grad=False))
-        elif self.weight_type is not None and value is None and strict:
+        elif self._packed is not None and value is None and strict:
             missing_keys.append(key)
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -352,26 +464,22 @@ class _GGMLWeightMixin:
 
     def _decoded(self, dtype: torch.dtype, device: torch.device, reuse: bool) -> torch.Tensor:
         """The base weight in ``dtype`` on ``device`` (no LoRA).  May be a shared scratch buffer."""
-        if self.weight_type is None:
+        if self._packed is None:
             assert self.weight is not None
             return self.weight.to(device=device, dtype=dtype)
         cache = self._cache
         if cache is not None and cache[0] == dtype and cache[1] == device:
             return cache[2]
-        raw = self.weight_raw
-        if raw.device != device:
-            raw = raw.to(device, non_blocking=True)
-        shape = self.weight_shape
-        assert shape is not None
-        n = 1
-        for d in shape:
-            n *= d
+        q = self.qweight
+        assert q is not None
+        q = q.to(device, non_blocking=True)
+        n = q.numel()
         if n <= self.cache_values:  # type: ignore[attr-defined]
-            w = _dequantize(raw, self.weight_type, shape, dtype)
+            w = q.dequantize(dtype)
             self._cache = (dtype, device, w)
             return w
         out = _scratch(n, dtype, device) if reuse else None
-        return _dequantize(raw, self.weight_type, shape, dtype, out=out)
+        return q.dequantize(dtype, out=out)
 
 
 class GGMLLinear(_GGMLWeightMixin, nn.Linear):
@@ -463,7 +571,7 @@ class GGMLLinear(_GGMLWeightMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            self.weight_type is None
+            self._packed is None
             and not self.lora_patches
             and self.weight is not None
             and self.weight.dtype == x.dtype
@@ -473,9 +581,7 @@ class GGMLLinear(_GGMLWeightMixin, nn.Linear):
         return F.linear(x, w, self.bias_for(x.dtype, x.device))
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self.weight_type is not None:
-            s += f", ggml_type={self.weight_type.name}"
+        s = super().extra_repr() + self._packed_repr()
         if self.lora_patches:
             s += f", lora_patches={len(self.lora_patches)}"
         return s
@@ -529,21 +635,20 @@ class GGMLEmbedding(_GGMLWeightMixin, nn.Embedding):
             self.compute_dtype = probe.dtype
         return super()._apply(fn, recurse)
 
+    def set_quantized_weight(self, q: PackedWeight) -> None:
+        if not (q.row_access or q.is_float):
+            raise NotImplementedError(f"an embedding table cannot stay {q.kind} (no row access); store it dense")
+        super().set_quantized_weight(q)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.weight_type is None:
+        q = self.qweight
+        if q is None:
             return super().forward(ids)
-        raw = self.weight_raw
-        shape = self.weight_shape
-        assert shape is not None
-        q = QuantizedWeight(raw, self.weight_type, shape).rows(ids.reshape(-1))
-        out = q.dequantize(self.compute_dtype)
-        return out.view(*ids.shape, shape[1]).to(ids.device)
+        out = q.rows(ids.reshape(-1)).dequantize(self.compute_dtype)
+        return out.view(*ids.shape, q.shape[1]).to(ids.device)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        if self.weight_type is not None:
-            s += f", ggml_type={self.weight_type.name}"
-        return s
+        return super().extra_repr() + self._packed_repr()
 
 
 class GGMLOps:
