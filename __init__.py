@@ -8,6 +8,8 @@ import importlib.util
 import os
 import sys
 
+WEB_DIRECTORY = "./web"  # frontend extension: the Lens Reasoner shows its refined prompt in the node
+
 
 def _make_lens_core_importable() -> None:
     """Use the installed lens_core, else the one in this folder (a plain clone into custom_nodes).

@@ -48,14 +48,17 @@ class LensModelLoader(io.ComfyNode):
             node_id="LensModelLoader",
             display_name="Lens Model Loader",
             category=CATEGORY,
-            description="Loads a Lens MMDiT (lens_bf16 / lens_turbo_bf16) as a MODEL that KSampler, "
-                        "SamplerCustomAdvanced and Lens Sampler can use.",
+            description="Loads a Lens MMDiT (lens_bf16 / lens_turbo_bf16, or a GGUF such as lens-Q4_K.gguf) as a "
+                        "MODEL that KSampler, SamplerCustomAdvanced and Lens Sampler can use.",
             inputs=[
-                io.Combo.Input("unet_name", options=files.model_choices("diffusion_models"),
-                               tooltip="Lens MMDiT safetensors file in models/diffusion_models (or models/unet)."),
+                io.Combo.Input("unet_name", options=files.model_choices("diffusion_models", gguf=True),
+                               tooltip="Lens MMDiT in models/diffusion_models (or models/unet): safetensors, or GGUF "
+                                       "(made with lens-quantize; quantised weights stay quantised and are decoded "
+                                       "layer by layer, LoRAs apply on top)."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
-                               tooltip="Dtype to hold the weights in. default: ComfyUI's choice for this device "
-                                       "(bf16 on recent GPUs, fp32 on CPU). fp16 is never used: Lens overflows in it."),
+                               tooltip="Dtype to hold the weights in (GGUF: to decode them to). default: ComfyUI's "
+                                       "choice for this device (bf16 on recent GPUs, fp32 on CPU). fp16 is never "
+                                       "used: Lens overflows in it."),
             ],
             outputs=[io.Model.Output(tooltip="The Lens denoiser.")],
         )
@@ -74,10 +77,12 @@ class LensTextEncoderLoader(io.ComfyNode):
             category=CATEGORY,
             description="Loads the GPT-OSS-20B feature encoder Lens reads its prompt features from.",
             inputs=[
-                io.Combo.Input("text_encoder_name", options=files.model_choices("text_encoders", folders=True),
-                               tooltip="GPT-OSS encoder in models/text_encoders: a safetensors file, or a Hugging Face "
+                io.Combo.Input("text_encoder_name",
+                               options=files.model_choices("text_encoders", folders=True, gguf=True),
+                               tooltip="GPT-OSS encoder in models/text_encoders: a safetensors file, a Hugging Face "
                                        "folder (listed with a trailing '/', e.g. gpt-oss-20b/; MXFP4 experts are kept "
-                                       "MXFP4). Only layers 0-23 are read."),
+                                       "MXFP4), or a llama.cpp GGUF (e.g. gpt-oss-20b-Q4_K_M.gguf; stays quantised, "
+                                       "tokenizer from the file). Only layers 0-23 are read."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="Dtype of the non-MXFP4 weights. default: bf16 on GPUs that support it, else fp32."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
@@ -414,6 +419,10 @@ NODES = [
 
 
 class LensExtension(ComfyExtension):
+    @override
+    async def on_load(self) -> None:
+        files.register_gguf_folders()
+
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODES)

@@ -4,6 +4,11 @@ Node inputs never become paths by joining strings: files go through
 ``folder_paths.get_full_path_or_raise`` (which also normalises ``..`` away), folders through the
 ``config.json`` inside them. Folders (Hugging Face / diffusers layouts such as ``gpt-oss-20b/``)
 are listed with a trailing ``/``; the shard files inside them are not listed separately.
+
+ComfyUI lists only the extensions it knows, and every model folder shares one extension set, so
+``.gguf`` files are listed through extra folder names (:data:`GGUF_FOLDERS`) that share the path
+lists of ``diffusion_models`` (``unet``) and ``text_encoders`` (``clip``) with a set of their own:
+other nodes never see the GGUF files, and paths added to those folders later are seen here too.
 """
 
 from __future__ import annotations
@@ -14,16 +19,29 @@ from pathlib import Path
 import folder_paths
 
 FOLDER_MARKER = "config.json"
+WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+GGUF_FOLDERS = {"diffusion_models": "lens_gguf_diffusion_models", "text_encoders": "lens_gguf_text_encoders"}
+
+
+def register_gguf_folders() -> None:
+    """Make :data:`GGUF_FOLDERS` known to ``folder_paths`` (once; run when the extension loads)."""
+    for folder, gguf_folder in GGUF_FOLDERS.items():
+        if gguf_folder not in folder_paths.folder_names_and_paths:
+            paths = folder_paths.folder_names_and_paths[folder][0]  # the same list object, not a copy
+            folder_paths.folder_names_and_paths[gguf_folder] = (paths, {".gguf"})
 
 
 def _folder_of(name: str) -> str:
     return posixpath.dirname(name.replace("\\", "/"))
 
 
-def model_choices(folder: str, folders: bool = False) -> list[str]:
-    """File names in the ComfyUI model folder ``folder``; with ``folders``, also ``name/`` entries
-    for sub-folders holding a ``config.json`` and safetensors (their files are then hidden)."""
-    files = [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith((".safetensors", ".sft"))]
+def model_choices(folder: str, folders: bool = False, gguf: bool = False) -> list[str]:
+    """Safetensors file names in the ComfyUI model folder ``folder``, with ``gguf`` also its GGUF
+    files; with ``folders``, also ``name/`` entries for sub-folders holding a ``config.json`` and
+    weights (their files are then hidden)."""
+    files = [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(WEIGHT_EXTENSIONS)]
+    if gguf:
+        files = sorted(files + folder_paths.get_filename_list(GGUF_FOLDERS[folder]))
     if not folders:
         return files
     candidates = sorted({_folder_of(f) for f in files} - {""})

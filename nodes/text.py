@@ -2,7 +2,8 @@
 
 ``LensClip`` has the methods stock nodes call on a CLIP (``tokenize``,
 ``encode_from_tokens_scheduled``, ``encode_from_tokens``), so ``CLIPTextEncode`` works with it.
-Its conditioning is the Lens layout described in :mod:`.lens_bridge`.
+Its conditioning is the Lens layout described in :mod:`.lens_bridge`. llama.cpp GGUF encoders keep
+their quantised weights and experts (see :mod:`.gguf`); their tokenizer comes from the GGUF metadata.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import logging
 from pathlib import Path
 
 import comfy.model_management
-import comfy.model_patcher
 import comfy.ops
 import torch
 
-from lens_core.loading import default_dtype, load_text_encoder
+from lens_core.loading import default_dtype, is_gguf, load_text_encoder
 from lens_core.pipeline import find_tokenizer
 from lens_core.prompt import split_features, tokenize_prompts
 from lens_core.text_encoder import DEFAULT_SELECTED_LAYERS
 
+from .gguf import ComfyGGMLOps, LensModelPatcher
 from .lens_bridge import conditioning_from_text
 
 log = logging.getLogger("ComfyUI-Lens")
@@ -132,7 +133,7 @@ class LensClip:
 
 
 def load_lens_clip(path: str | Path, weight_dtype: str = "default", device_choice: str = "default") -> LensClip:
-    """A LensClip for a GPT-OSS file or HF folder (bf16 or MXFP4 experts)."""
+    """A LensClip for a GPT-OSS file or HF folder (bf16 or MXFP4 experts), or a llama.cpp GGUF."""
     mm = comfy.model_management
     if device_choice == "cpu":
         load_device = offload_device = torch.device("cpu")
@@ -141,7 +142,8 @@ def load_lens_clip(path: str | Path, weight_dtype: str = "default", device_choic
     dtype = _pick_dtype(weight_dtype, load_device)
     path = Path(path)
     tokenizer = find_tokenizer(path)
-    encoder = load_text_encoder(path, DEFAULT_SELECTED_LAYERS, offload_device, dtype, operations=eager_ops())
-    patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
+    operations = ComfyGGMLOps if is_gguf(path) else eager_ops()
+    encoder = load_text_encoder(path, DEFAULT_SELECTED_LAYERS, offload_device, dtype, operations=operations)
+    patcher = LensModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
     log.info("Lens text encoder %s: %s, tokenizer %s", path, dtype, tokenizer.source)
     return LensClip(patcher, tokenizer, DEFAULT_SELECTED_LAYERS, path)

@@ -19,8 +19,10 @@ UI = REPO / "workflows" / "ui"
 EXAMPLES = REPO / "example_workflows"
 NAMES = sorted(p.stem for p in API.glob("*.json"))
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-# File names as the public repositories name them (the text encoder as the openai/gpt-oss-20b folder).
-PUBLIC_FILES = {"lens_bf16.safetensors", "lens_turbo_bf16.safetensors", "gpt-oss-20b/", "flux2-vae.safetensors"}
+# File names as the public repositories name them (the text encoder as the openai/gpt-oss-20b folder, the
+# GGUF encoder as unsloth/gpt-oss-20b-GGUF names it); lens-Q4_K.gguf is what `lens-quantize` is told to write.
+PUBLIC_FILES = {"lens_bf16.safetensors", "lens_turbo_bf16.safetensors", "gpt-oss-20b/", "flux2-vae.safetensors",
+                "lens-Q4_K.gguf", "gpt-oss-20b-Q4_K_M.gguf"}
 
 
 def load(folder: Path, name: str) -> dict:
@@ -42,7 +44,8 @@ def ui_widgets(node: dict) -> dict:
 
 
 def test_the_expected_workflows_exist():
-    assert {"lens_t2i", "lens_turbo_t2i", "lens_t2i_lora", "lens_t2i_reasoner"} <= set(NAMES)
+    assert {"lens_t2i", "lens_turbo_t2i", "lens_t2i_lora", "lens_t2i_reasoner", "lens_t2i_gguf",
+            "lens_t2i_aspect_batch"} <= set(NAMES)
     assert sorted(p.stem for p in UI.glob("*.json")) == NAMES
 
 
@@ -131,3 +134,35 @@ def test_reasoner_workflow_feeds_the_refined_prompt_to_the_encoder():
     # No endpoint and no key in a shipped workflow: only the NAME of the key's environment variable.
     assert reasoner["api_base_url"] == "" and reasoner["api_key_env"] == "OPENAI_API_KEY"
     assert reasoner["prompt"].strip() and reasoner["system_prompt"] == ""
+
+
+def test_gguf_workflow_is_lens_t2i_with_gguf_files():
+    api, t2i = load(API, "lens_t2i_gguf"), load(API, "lens_t2i")
+    assert _of(api, "LensModelLoader")[1]["unet_name"] == "lens-Q4_K.gguf"
+    assert _of(api, "LensTextEncoderLoader")[1]["text_encoder_name"] == "gpt-oss-20b-Q4_K_M.gguf"
+
+    def without_file_names(graph: dict) -> dict:
+        return {nid: (n["class_type"], {k: v for k, v in n["inputs"].items() if k not in ("unet_name", "text_encoder_name")})
+                for nid, n in graph.items()}
+
+    assert without_file_names(api) == without_file_names(t2i)
+
+
+def test_aspect_batch_workflow_renders_one_prompt_at_several_ratios():
+    api = load(API, "lens_t2i_aspect_batch")
+    samplers = {nid: n["inputs"] for nid, n in api.items() if n["class_type"] == "LensSampler"}
+    assert len(samplers) >= 3
+    shared = ("model", "positive", "negative", "preset", "steps", "cfg", "seed")
+    assert len({repr({k: s[k] for k in shared}) for s in samplers.values()}) == 1, "samplers differ beyond the size"
+    ratios, prefixes = [], []
+    for sid, sampler in samplers.items():
+        resolution = api[sampler["latent"][0]]
+        assert resolution["class_type"] == "LensResolution" and sampler["latent"][1] == 2
+        assert resolution["inputs"]["mode"] == "bucket" and resolution["inputs"]["batch_size"] == 1
+        ratios.append(resolution["inputs"]["aspect_ratio"])
+        [decode] = [n for n in api.values() if n["class_type"] == "VAEDecode" and n["inputs"]["samples"] == [sid, 0]]
+        decode_id = next(k for k, n in api.items() if n is decode)
+        [save] = [n for n in api.values() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [decode_id, 0]]
+        prefixes.append(save["inputs"]["filename_prefix"])
+    assert len(set(ratios)) == len(ratios) and len(set(prefixes)) == len(prefixes)
+    assert {"16:9 (landscape)", "1:1 (square)", "9:16 (portrait)"} <= set(ratios)
