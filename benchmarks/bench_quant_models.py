@@ -3,7 +3,8 @@
 CPU mode (default):
 
 1. Size of the full-size MMDiT (4.1 B parameters) under the converter's default policy for each
-   type, relative to bf16 - computed from the shapes, no weights needed.
+   type, relative to bf16: the exact file size (``gguf_files.mmdit_file_size``, no weights needed;
+   ``gguf_sizes.py`` has the full table with the encoder and a pick per GPU).
 2. Relative error of one MMDiT forward (velocity) against the fp32 model, for a mid-size random
    model converted to each type (compute in fp32), next to the error of simply running in bf16.
    The weights are random (trained-like scale), so this compares the types with each other; it is
@@ -33,12 +34,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gguf_files import mmdit_file_size  # noqa: E402
 
 from lens_core.mmdit import LensMMDiT, MMDiTConfig  # noqa: E402
 from lens_core.random_weights import randomize_  # noqa: E402
 from lens_core.safetensors_io import save_file_atomic  # noqa: E402
 from quant.convert import CHOICES, choose_type, convert_mmdit  # noqa: E402
-from quant.ggml_types import TYPE_SIZES, GGMLType  # noqa: E402
+from quant.ggml_types import GGMLType  # noqa: E402
 from quant.gguf_models import load_mmdit_gguf  # noqa: E402
 from quant.layers import GGMLOps, QuantizedWeight  # noqa: E402
 from quant.quantize import quantize  # noqa: E402
@@ -64,18 +68,6 @@ MID = MMDiTConfig(
     mlp_hidden_dim=2048,
     selected_layer_index=(0, 1, 2, 3),
 )
-
-
-def full_size_bytes(qtype: str) -> int:
-    """Bytes of the released MMDiT's tensors under the default policy (shapes only)."""
-    with torch.device("meta"):
-        state = LensMMDiT(MMDiTConfig()).state_dict()
-    total = 0
-    for name, t in state.items():
-        gtype = choose_type(name, tuple(t.shape), qtype, torch.bfloat16)
-        values, size = TYPE_SIZES[gtype]
-        total += t.numel() // values * size
-    return total
 
 
 def inputs(cfg: MMDiTConfig, h: int, w: int, s: int, batch: int, device, dtype, seed: int = 0):
@@ -121,11 +113,11 @@ print(json.dumps({"delta": peak[0] - base, "maxrss": resource.getrusage(resource
 
 def cpu(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    bf16 = full_size_bytes("BF16")
-    print("1. Full-size MMDiT (4.1 B parameters), default policy: size relative to bf16")
+    bf16 = mmdit_file_size("BF16")
+    print("1. Full-size MMDiT (4.1 B parameters), default policy: file size relative to bf16")
     print(f"   {'type':6} {'GiB':>7} {'x bf16':>7}")
     for t in args.types:
-        n = full_size_bytes(t)
+        n = mmdit_file_size(t)
         print(f"   {t:6} {n / 2**30:7.2f} {n / bf16:7.3f}")
 
     with tempfile.TemporaryDirectory() as tmp:

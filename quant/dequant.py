@@ -1,7 +1,8 @@
 """Vectorised torch dequantisation of ggml block formats, on CPU and CUDA with the same code.
 
 Every kernel takes a ``[n_blocks, bytes_per_block]`` uint8 tensor and returns the fp32 values
-``[n_blocks, values_per_block]``.  Results are bit-identical to ``gguf.quants.dequantize``:
+``[n_blocks, values_per_block]``, written into its second argument when that is an fp32 tensor of
+that shape (else freshly allocated).  Results are bit-identical to ``gguf.quants.dequantize``:
 
 * the scales are built in fp32 exactly as ggml does (fp16 -> fp32, then times the small integer
   sub-block scale), and the products ``scale * quant`` are exact in fp32 (at most 11 + 7 + 6
@@ -13,7 +14,10 @@ Every kernel takes a ``[n_blocks, bytes_per_block]`` uint8 tensor and returns th
 On CPU, whole tensors are processed in chunks of about half a million values: the temporaries then
 stay in cache and are recycled by the allocator instead of being page-faulted in afresh for
 every op, which is worth ~2x on a 2-core machine.  The chunk loop runs over large groups of
-rows (32 chunks for a 4096x4096 weight), never over blocks.
+rows (32 chunks for a 4096x4096 weight), never over blocks.  For fp32 output the kernels convert
+their integer codes straight into the output's rows and scale them there, which saves a copy pass
+over the output; with the int16 reads of the fp16 scales (:func:`_f16`) that makes fp32 decoding
+on CPU 5-10% faster into a fresh tensor and 10-20% into a reused buffer.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from .ggml_types import QK_K, TYPE_SIZES, GGMLType, tensor_nbytes, type_name
 
-Kernel = Callable[[torch.Tensor], torch.Tensor]
+Kernel = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CHUNK_VALUES = {"cpu": 1 << 19}
@@ -51,9 +55,17 @@ def _view_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x.clone().view(dtype)
 
 
-def _f16(fields: torch.Tensor) -> torch.Tensor:
-    """``[n, 2]`` little-endian fp16 bytes -> ``[n, 1]`` fp32 (exact)."""
-    return _view_as(fields, torch.float16).to(torch.float32)
+def _f16(b: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 field at byte ``offset`` of every block of ``b`` -> ``[n, 1]`` fp32 (exact).
+
+    Every ggml block has an even size and its fp16 fields even offsets, so the field is one column
+    of the blocks viewed as int16: one strided pass, ~2x cheaper than gathering byte pairs (which
+    remains the fallback for a chunk at an odd address).
+    """
+    if b.shape[1] % 2 == 0 and offset % 2 == 0 and b.is_contiguous() and b.storage_offset() % 2 == 0:
+        column = b.view(torch.int16)[:, offset // 2 : offset // 2 + 1]
+        return column.view(torch.float16).to(torch.float32)
+    return _view_as(b[:, offset : offset + 2], torch.float16).to(torch.float32)
 
 
 def _split_bits(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -102,8 +114,14 @@ def _signed(q: torch.Tensor, offset: int) -> torch.Tensor:
 
 
 def _float(q: torch.Tensor) -> torch.Tensor:
-    """Integer codes to a fresh fp32 tensor, which the kernels then scale in place."""
+    """Small integer fields (sub-block scales) to a fresh fp32 tensor."""
     return q.to(torch.float32)
+
+
+def _values(q: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
+    """The codes of every value as fp32, which the kernels then scale in place: in ``dst`` (the
+    fp32 output rows of this chunk, viewed as ``q``'s shape) when given, else a fresh tensor."""
+    return q.to(torch.float32) if dst is None else dst.view(q.shape).copy_(q)
 
 
 def _table(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -115,36 +133,39 @@ def _table(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return table
 
 
-def _lookup(values: Sequence[int], qs: torch.Tensor) -> torch.Tensor:
+def _lookup(values: Sequence[int], qs: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """Decode 4-bit codebook indices: ``qs`` uint8 [..., m] -> fp32 [..., 2m], where (as in every
     ggml 4-bit format) the low nibbles of a group of m bytes are its first m values, the high
     nibbles the next m.  index_select with int32 indices is the fastest torch gather here (a
-    two-values-per-gather int16 pair table was tried: no faster on CPU)."""
-    codes = _nibbles(qs, dim=qs.dim() - 1)
-    flat = torch.index_select(_table(values, qs.device), 0, codes.reshape(-1).to(torch.int32))
+    two-values-per-gather int16 pair table was tried: no faster on CPU).  ``dst`` as in :func:`_values`."""
+    codes = _nibbles(qs, dim=qs.dim() - 1).reshape(-1).to(torch.int32)
+    table = _table(values, qs.device)
+    flat = torch.index_select(table, 0, codes, out=None if dst is None else dst.view(-1))
     return flat.view(*qs.shape[:-1], 2 * qs.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels: uint8 [n, bytes_per_block] -> fp32 [n, values_per_block]
+# Kernels: uint8 [n, bytes_per_block] -> fp32 [n, values_per_block], written into ``dst`` if given
 # ---------------------------------------------------------------------------------------------
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    """d (fp16), 32 x int8."""
-    return _float(b[:, 2:].view(torch.int8)).mul_(_f16(b[:, :2]))
+def _q8_0(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
+    """d (fp16), 32 x int8.  Into ``dst``: one mixed int8 x fp32 pass, ~10% faster here than
+    converting first (for the other types, whose codes are computed, it is not)."""
+    q, d = b[:, 2:].view(torch.int8), _f16(b, 0)
+    return q.to(torch.float32).mul_(d) if dst is None else torch.mul(q, d, out=dst)
 
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
+def _q4_0(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """d (fp16), 16 bytes of 4-bit codes (low nibbles = values 0-15); value = d * (q - 8)."""
     q = _nibbles(b[:, 2:], dim=1).view(-1, 32)
-    return _float(_signed(q, 8)).mul_(_f16(b[:, :2]))
+    return _values(_signed(q, 8), dst).mul_(_f16(b, 0))
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
+def _q4_1(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """d, m (fp16), 16 bytes of 4-bit codes; value = d * q + m."""
     q = _nibbles(b[:, 4:], dim=1).view(-1, 32)
-    return _float(q).mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
+    return _values(q, dst).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q5_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
@@ -152,29 +173,29 @@ def _q5_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     return _spread_bits(qh, 4).bitwise_or_(_nibbles(qs, dim=1).view(-1, 32))
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
+def _q5_0(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """d (fp16), qh (4 bytes), 16 bytes of nibbles; value = d * (q - 16)."""
     q = _q5_codes(b[:, 2:6], b[:, 6:])
-    return _float(_signed(q, 16)).mul_(_f16(b[:, :2]))
+    return _values(_signed(q, 16), dst).mul_(_f16(b, 0))
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
+def _q5_1(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """d, m (fp16), qh (4 bytes), 16 bytes of nibbles; value = d * q + m."""
     q = _q5_codes(b[:, 4:8], b[:, 8:])
-    return _float(q).mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
+    return _values(q, dst).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
+def _q2_k(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """16 scale bytes (low nibble scale, high nibble min), 64 bytes of 2-bit codes, d, dmin.
 
     Codes: within each half of 128 values, 2-bit field k of byte j is value 32k + j.
     """
     scales = b[:, :16]
-    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    d, dmin = _f16(b, 80), _f16(b, 82)
     dl = (d * _float(scales & 0x0F)).unsqueeze(-1)
     ml = (dmin * _float(scales >> 4)).unsqueeze(-1)
     q = _split_bits(b[:, 16:80].view(-1, 2, 32), 2, dim=2).view(-1, 16, 16)
-    return _float(q).mul_(dl).sub_(ml).view(-1, QK_K)
+    return _values(q, dst).mul_(dl).sub_(ml).view(-1, QK_K)
 
 
 def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
@@ -185,16 +206,16 @@ def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
     return _combine(low, high, 4, offset=32)
 
 
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
+def _q3_k(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """hmask (32 bytes), 64 bytes of 2-bit codes, 12 bytes of scales, d.
 
     The third bit of value 32k + j is bit k of hmask[j]; a *clear* bit means ``q - 4``.
     """
-    dl = (_f16(b[:, 108:110]) * _float(_q3_k_scales(b[:, 96:108]))).unsqueeze(-1)
+    dl = (_f16(b, 108) * _float(_q3_k_scales(b[:, 96:108]))).unsqueeze(-1)
     low = _split_bits(b[:, 32:96].view(-1, 2, 32), 2, dim=2).view(-1, QK_K)
     high = _split_bits(b[:, :32], 1, dim=1).view(-1, QK_K)
     q = _combine(low, high, 2, offset=4).view(-1, 16, 16)
-    return _float(q).mul_(dl).view(-1, QK_K)
+    return _values(q, dst).mul_(dl).view(-1, QK_K)
 
 
 def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,28 +231,28 @@ def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, minimum
 
 
-def _k_affine(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _k_affine(b: torch.Tensor, q: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """Apply Q4_K/Q5_K block scales to codes ``q`` [n, 8, 32]: (d * scale) * q - dmin * min."""
     scale, minimum = _k_scale_min(b[:, 4:16])
-    dl = (_f16(b[:, 0:2]) * _float(scale)).unsqueeze(-1)
-    ml = (_f16(b[:, 2:4]) * _float(minimum)).unsqueeze(-1)
-    return _float(q).mul_(dl).sub_(ml).view(-1, QK_K)
+    dl = (_f16(b, 0) * _float(scale)).unsqueeze(-1)
+    ml = (_f16(b, 2) * _float(minimum)).unsqueeze(-1)
+    return _values(q, dst).mul_(dl).sub_(ml).view(-1, QK_K)
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """d, dmin, 12 scale bytes, 128 bytes: each 32-byte group gives 64 values (low then high nibbles)."""
     q = _nibbles(b[:, 16:].view(-1, 4, 32), dim=2).view(-1, 8, 32)
-    return _k_affine(b, q)
+    return _k_affine(b, q, dst)
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """Q4_K plus qh (32 bytes, after the scales): bit k of qh[j] is bit 4 of value 32k + j."""
     low = _nibbles(b[:, 48:].view(-1, 4, 32), dim=2).view(-1, 8, 32)
     high = _split_bits(b[:, 16:48], 1, dim=1)
-    return _k_affine(b, _combine(low, high, 4))
+    return _k_affine(b, _combine(low, high, 4), dst)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """ql (128 bytes), qh (64 bytes), 16 int8 scales, d; value = d * scale * (q - 32).
 
     In each half of 128 values: value 64k + j has the low bits in nibble k of ql[j] (j < 64),
@@ -240,16 +261,16 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     low = _nibbles(b[:, :128].view(-1, 2, 64), dim=2).view(-1, QK_K)
     high = _split_bits(b[:, 128:192].view(-1, 2, 32), 2, dim=2).view(-1, QK_K)
     q = _combine(low, high, 4, offset=32).view(-1, 16, 16)
-    dl = (_f16(b[:, 208:210]) * _float(b[:, 192:208].view(torch.int8))).unsqueeze(-1)
-    return _float(q).mul_(dl).view(-1, QK_K)
+    dl = (_f16(b, 208) * _float(b[:, 192:208].view(torch.int8))).unsqueeze(-1)
+    return _values(q, dst).mul_(dl).view(-1, QK_K)
 
 
-def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
+def _iq4_nl(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """d (fp16), 16 bytes of codes into the IQ4 codebook (low nibbles = values 0-15)."""
-    return _lookup(_IQ4_VALUES, b[:, 2:]).mul_(_f16(b[:, :2]))
+    return _lookup(_IQ4_VALUES, b[:, 2:], dst).mul_(_f16(b, 0))
 
 
-def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+def _iq4_xs(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """d, scales_h (u16: 2 bits per sub-block), scales_l (4 bytes: nibble per sub-block), 128 code bytes.
 
     Eight sub-blocks of 32; sub-block i has scale (low nibble i | high bits i << 4) - 32 and its
@@ -257,8 +278,8 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     """
     low = _nibbles(b[:, 4:8], dim=2).view(-1, 8)
     high = _split_bits(b[:, 2:4], 2, dim=2).view(-1, 8)
-    dl = (_f16(b[:, :2]) * _float(_combine(low, high, 4, offset=32))).unsqueeze(-1)
-    return _lookup(_IQ4_VALUES, b[:, 8:].view(-1, 8, 16)).mul_(dl).view(-1, QK_K)
+    dl = (_f16(b, 0) * _float(_combine(low, high, 4, offset=32))).unsqueeze(-1)
+    return _lookup(_IQ4_VALUES, b[:, 8:].view(-1, 8, 16), dst).mul_(dl).view(-1, QK_K)
 
 
 def _e8m0_half(e: torch.Tensor) -> torch.Tensor:
@@ -269,9 +290,9 @@ def _e8m0_half(e: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def _mxfp4(b: torch.Tensor) -> torch.Tensor:
+def _mxfp4(b: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
     """E8M0 scale byte, 16 bytes of E2M1 codes (low nibbles = values 0-15, high = 16-31)."""
-    return _lookup(_MXFP4_VALUES, b[:, 1:]).mul_(_e8m0_half(b[:, :1]))
+    return _lookup(_MXFP4_VALUES, b[:, 1:], dst).mul_(_e8m0_half(b[:, :1]))
 
 
 _KERNELS: dict[GGMLType, Kernel] = {
@@ -292,7 +313,7 @@ _KERNELS: dict[GGMLType, Kernel] = {
 _FLOAT_TYPES = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
 
 _FLOAT_KERNELS: dict[GGMLType, Kernel] = {
-    t: (lambda b, stored=stored: _view_as(b, stored).to(torch.float32)) for t, stored in _FLOAT_TYPES.items()
+    t: (lambda b, dst, stored=stored: _values(_view_as(b, stored), dst)) for t, stored in _FLOAT_TYPES.items()
 }
 
 BLOCK_INFO: dict[int, tuple[int, int]] = {t: TYPE_SIZES[t] for t in (*_FLOAT_TYPES, *_KERNELS)}
@@ -347,13 +368,17 @@ def dequantize(
             return _flat(out, n_blocks * block_values, raw.device).copy_(_view_as(raw, stored)).view(shape)
         kernel = _FLOAT_KERNELS[gtype]  # fp16 <-> bf16: through fp32, chunked (1.5x faster on CPU)
     if out is None and n_blocks <= step:  # one chunk (small tensors, accelerators): no extra copy
-        return kernel(blocks).to(dtype).view(shape)
+        return kernel(blocks, None).to(dtype).view(shape)
 
     if out is None:
         out = torch.empty(n_blocks * block_values, dtype=dtype, device=raw.device)
     out_blocks = _flat(out, n_blocks * block_values, raw.device).view(n_blocks, block_values)
     for start in range(0, n_blocks, step):
-        out_blocks[start : start + step] = kernel(blocks[start : start + step])
+        rows = out_blocks[start : start + step]
+        if dtype == torch.float32:  # the kernel writes its values in place
+            kernel(blocks[start : start + step], rows)
+        else:
+            rows.copy_(kernel(blocks[start : start + step], None))
     return out.view(shape)
 
 
