@@ -1,14 +1,17 @@
 """The Lens MMDiT as a ComfyUI ``MODEL``: a ModelPatcher around a ``BaseModel`` subclass.
 
 The network is ``lens_core.mmdit.LensMMDiT`` built with the layer classes ComfyUI picks
-(``comfy.ops``), so ComfyUI's weight casting, offloading and LoRA patching apply to it. ComfyUI
-sees a flow-matching model (``ModelType.FLUX``: sigma in [0, 1], timestep = sigma, denoised =
+(``comfy.ops``), so ComfyUI's weight casting, offloading and LoRA patching apply to it. Files whose
+weights ``lens_core`` keeps packed (GGUF; fp8, scaled fp8 and ComfyUI's ``comfy_quant``
+float8/mxfp8/nvfp4 safetensors) are loaded by ``lens_core`` into ``quant``'s GGML layers instead
+(see :mod:`.gguf`). ComfyUI sees a flow-matching model (``ModelType.FLUX``: sigma in [0, 1], timestep = sigma, denoised =
 x - sigma * v), so KSampler, SamplerCustomAdvanced and the stock samplers work with it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import comfy.conds
 import comfy.latent_formats
@@ -21,11 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from lens_core.errors import CheckpointError
-from lens_core.loading import MMDIT_ANCHOR, load_mmdit_config
+from lens_core.loading import MMDIT_ANCHOR, is_packed_mmdit, load_mmdit, load_mmdit_config
 from lens_core.mmdit import LensMMDiT, MMDiTConfig
 from lens_core.sampling import cfg_combine
 from lens_core.schedule import empirical_mu
 
+from .gguf import ComfyGGMLOps, LensModelPatcher
 from .lens_bridge import (
     LATENT_CHANNELS,
     PATCH,
@@ -103,9 +107,20 @@ class LensDiffusionModel(LensMMDiT):
 
     def __init__(self, image_model=None, dtype=None, compute_dtype=None, device=None, operations=None, **config):
         super().__init__(MMDiTConfig(**config), operations=operations, device=device, dtype=dtype)
+        self._comfy_setup(dtype, compute_dtype)
+
+    def _comfy_setup(self, dtype, compute_dtype) -> None:
         self.dtype = dtype
         self._compute_dtype = compute_dtype
         make_norms_device_safe(self)
+
+    @classmethod
+    def adopt(cls, mmdit: LensMMDiT, dtype: torch.dtype) -> LensDiffusionModel:
+        """An already loaded LensMMDiT (a packed model, built and filled by ``lens_core``) turned into
+        this class in place: same modules and weights, ComfyUI's call signature."""
+        mmdit.__class__ = cls
+        mmdit._comfy_setup(dtype, dtype)
+        return mmdit
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -211,10 +226,49 @@ def _pick_dtype(choice: str, parameters: int, file_dtype, load_device) -> torch.
     return dtype
 
 
+def _model_config(config: MMDiTConfig, dtype: torch.dtype, manual_cast, **extra) -> LensModelConfig:
+    unet_config = {f: getattr(config, f) for f in MMDiTConfig.__dataclass_fields__}
+    unet_config.update(image_model="lens_core", **extra)
+    model_config = LensModelConfig(unet_config)
+    model_config.set_inference_dtype(dtype, manual_cast)
+    return model_config
+
+
+def _packed_formats(model: torch.nn.Module) -> str:
+    """How many layers hold each packed format, e.g. ``"24 mxfp8"`` (for the log)."""
+    counts = Counter(str(getattr(m.weight_type, "name", m.weight_type))
+                     for m in model.modules() if getattr(m, "is_quantized", False))
+    return ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items())) or "none"
+
+
+def _load_packed_model(path: str, config: MMDiTConfig, weight_dtype: str):
+    """The MODEL for a file whose weights lens_core keeps packed (GGUF, fp8, ComfyUI quantised):
+    they stay packed (decoded to ``weight_dtype`` at each call), ComfyUI's weight patches are
+    applied on the fly (see :mod:`.gguf`)."""
+    mm = comfy.model_management
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    dtype = WEIGHT_DTYPES[weight_dtype] or (torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32)
+    # BaseModel would allocate a dense network; lens_core builds it on the meta device and fills it instead.
+    model = _model_config(config, dtype, None, disable_unet_model_creation=True).get_model({})
+    mmdit = load_mmdit(path, offload_device, dtype, operations=ComfyGGMLOps)
+    model.diffusion_model = LensDiffusionModel.adopt(mmdit, dtype)
+    patcher = LensModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.set_model_sampler_cfg_function(lens_cfg_function)
+    log.info("Lens MMDiT %s: %d layers, packed layers: %s, compute %s",
+             path, config.num_layers, _packed_formats(mmdit), dtype)
+    return patcher
+
+
 def load_lens_model(path: str, weight_dtype: str = "default"):
-    """A ComfyUI MODEL (ModelPatcher) for the Lens MMDiT file at ``path``."""
+    """A ComfyUI MODEL (ModelPatcher) for the Lens MMDiT file at ``path`` (safetensors or GGUF).
+
+    Plain float files take ComfyUI's own loading (its casting, offloading and patching); packed ones
+    go through lens_core (:func:`_load_packed_model`).
+    """
     mm = comfy.model_management
     config = load_mmdit_config(path)  # headers only; raises CheckpointError for other architectures
+    if is_packed_mmdit(path):
+        return _load_packed_model(path, config, weight_dtype)
     sd = _strip_prefix(comfy.utils.load_torch_file(path, safe_load=True), path)
     _check_tensors(sd, config, path)
 
@@ -224,11 +278,7 @@ def load_lens_model(path: str, weight_dtype: str = "default"):
     dtype = _pick_dtype(weight_dtype, parameters, comfy.utils.weight_dtype(sd), load_device)
     manual_cast = mm.unet_manual_cast(dtype, load_device, SUPPORTED_DTYPES)
 
-    unet_config = {f: getattr(config, f) for f in MMDiTConfig.__dataclass_fields__}
-    unet_config["image_model"] = "lens_core"
-    model_config = LensModelConfig(unet_config)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    model = model_config.get_model(sd)
+    model = _model_config(config, dtype, manual_cast).get_model(sd)
 
     patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     patcher = patcher_cls(model, load_device=load_device, offload_device=offload_device)

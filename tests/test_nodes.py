@@ -166,3 +166,27 @@ def test_lora_patches_do_what_the_merge_does(bridge):
     merge_lora_(model, modules, strength)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(comfy[f"diffusion_model.{k}"], v, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_mmdit_files_are_told_apart_from_plain_ones(tmp_path):
+    """The Lens Model Loader builds a MODEL through lens_core's packed loading exactly for the files
+    ``is_packed_mmdit`` names (GGUF, fp8, ComfyUI quantised); bf16/fp32 files keep ComfyUI's own
+    loading; the safetensors ones load with their quantised layers packed."""
+    from lens_core.loading import is_packed_mmdit, load_mmdit
+    from lens_core.random_weights import random_state_dicts, tiny_configs
+    from lens_core.safetensors_io import save_file_atomic
+    from quant.comfy_quant import convert_mmdit_comfy
+    from quant.convert import convert_mmdit
+
+    state = random_state_dicts(tiny_configs(), seed=0)["transformer"]
+    fp32 = save_file_atomic(state, tmp_path / "fp32.safetensors")
+    bf16 = save_file_atomic({k: v.bfloat16() for k, v in state.items()}, tmp_path / "bf16.safetensors")
+    assert not is_packed_mmdit(fp32) and not is_packed_mmdit(bf16)
+    convert_mmdit(fp32, tmp_path / "q8.gguf", "Q8_0")
+    assert is_packed_mmdit(tmp_path / "q8.gguf")
+    for qtype in ("fp8_e4m3fn", "fp8_scaled", "mxfp8"):
+        path = tmp_path / f"{qtype}.safetensors"
+        convert_mmdit_comfy(fp32, path, qtype)
+        assert is_packed_mmdit(path), qtype
+        qkv = load_mmdit(path).transformer_blocks[0].attn.img_qkv
+        assert qkv.is_quantized and qkv.weight is None, qtype

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from .comfy_server import (
+    EXTENSION_NAME,
     ComfyServer,
     comfyui_installs,
     comfyui_python,
@@ -52,7 +53,24 @@ TINY = {  # public name in the workflows -> tiny stand-in written by write_tiny_
     "gpt-oss-20b/": "gpt-oss-tiny/",
     "flux2-vae.safetensors": "flux2-vae-tiny.safetensors",
     "lens_lora.safetensors": "lens_lora_tiny.safetensors",
+    "lens-Q4_K.gguf": "lens_tiny-Q4_K.gguf",
+    "gpt-oss-20b-Q4_K_M.gguf": "gpt_oss_tiny-Q8_0.gguf",
 }
+# The tiny models as GGUF files (write_tiny_ggufs): key -> (folder, file name).
+GGUF_FILES = {
+    "lens_gguf_f32": ("diffusion_models", "lens_tiny-F32.gguf"),
+    "lens_gguf_q8": ("diffusion_models", "lens_tiny-Q8_0.gguf"),
+    "lens_gguf_q4": ("diffusion_models", "lens_tiny-Q4_K.gguf"),
+    "text_encoder_gguf_f32": ("text_encoders", "gpt_oss_tiny-F32.gguf"),
+    "text_encoder_gguf_q8": ("text_encoders", "gpt_oss_tiny-Q8_0.gguf"),
+}
+# The tiny MMDiT in ComfyUI's quantised safetensors layouts (write_tiny_comfy_quants): lens-quantize type ->
+# file name; the key in tiny_models is lens_<type>.
+COMFY_QUANT_FILES = {qtype: f"lens_tiny-{qtype}.safetensors" for qtype in ("fp8_e4m3fn", "fp8_scaled", "mxfp8", "nvfp4")}
+# What the Lens Model Loader logs for their packed layers (quant's format names).
+PACKED_FORMAT = {"fp8_e4m3fn": "float8_e4m3fn", "fp8_scaled": "float8_e4m3fn", "mxfp8": "mxfp8", "nvfp4": "nvfp4"}
+NATIVE_ENCODER = "gpt_oss_tiny_native.safetensors"  # the tiny encoder in ComfyUI's own GPT-OSS layout
+NATIVE_CLIP_NODE = REPO / "tests" / "comfy_native_clip_node.py"  # test-only loader for it
 TOLERANCE = 2  # 8-bit levels
 # The same LoRA in the namings met in the wild (see write_tiny_loras); file name -> what it tests.
 LORA_FILES = {
@@ -125,11 +143,89 @@ def write_tiny_loras(folder: Path, mmdit_path: Path) -> dict[str, Path]:
             for name, sd in files.items()}
 
 
+def write_tiny_ggufs(models: Path, paths: dict[str, Path]) -> dict[str, Path]:
+    """The tiny MMDiT and encoder as GGUF files (GGUF_FILES): the MMDiT through lens-quantize's
+    converter (F32, Q8_0, Q4_K), the encoder as llama.cpp lays out gpt-oss (F32; Q8_0 weights with
+    MXFP4 experts), tokenizer in the metadata."""
+    from safetensors.torch import load_file
+
+    from lens_core.text_encoder import GptOssConfig
+    from quant.convert import convert_mmdit
+    from quant.gpt_oss_gguf import write_gpt_oss_gguf
+
+    out = {key: models / folder / name for key, (folder, name) in GGUF_FILES.items()}
+    for key, qtype in (("lens_gguf_f32", "F32"), ("lens_gguf_q8", "Q8_0"), ("lens_gguf_q4", "Q4_K")):
+        convert_mmdit(paths["lens"], out[key], qtype)
+    folder = paths["text_encoder_folder"]
+    config = GptOssConfig.from_json(folder / "config.json")
+    state = load_file(paths["text_encoder_file"])
+    write_gpt_oss_gguf(state, config, out["text_encoder_gguf_f32"], tokenizer_json=folder / "tokenizer.json")
+    write_gpt_oss_gguf(state, config, out["text_encoder_gguf_q8"], expert_type="MXFP4", weight_type="Q8_0",
+                       tokenizer_json=folder / "tokenizer.json")
+    return out
+
+
+def write_tiny_comfy_quants(models: Path, mmdit_path: Path) -> dict[str, Path]:
+    """The tiny MMDiT as ComfyUI quantised safetensors (COMFY_QUANT_FILES), written by lens-quantize:
+    plain fp8, legacy scaled fp8 (``scaled_fp8`` marker + ``scale_weight``) and ``comfy_quant``
+    mxfp8/nvfp4 (modulation and input/output layers kept in fp32, as Comfy-Org's lens_mxfp8)."""
+    from quant.convert import main as lens_quantize
+
+    out = {}
+    for qtype, name in COMFY_QUANT_FILES.items():
+        out[f"lens_{qtype}"] = models / "diffusion_models" / name
+        assert lens_quantize([str(mmdit_path), str(out[f"lens_{qtype}"]), "--type", qtype, "--quiet"]) == 0
+    return out
+
+
+def write_native_lens_encoder(paths: dict[str, Path], dst: Path) -> Path:
+    """The tiny encoder as ComfyUI's own Lens text encoder holds GPT-OSS: bare module names
+    (``layers.N...``), each MoE projection one ``[experts, out, in]`` bank with its biases, the
+    tokenizer JSON as a uint8 tensor ``tokenizer_json``; the size (that of the ``config.json`` of
+    the tiny folder: top-2 routing, which the bare safetensors file cannot say) as ``gpt_oss_config``
+    metadata for the test loader node (tests/comfy_native_clip_node.py)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lens_core.safetensors_io import save_file_atomic
+    from lens_core.text_encoder import GptOssConfig
+
+    folder = paths["text_encoder_folder"]
+    cfg = GptOssConfig.from_json(folder / "config.json")
+    sd = {}
+    for key, t in load_file(paths["text_encoder_file"]).items():
+        name = key.removeprefix("model.")
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # HF [E, in, out]
+            sd[f"{name}.weight"] = t.transpose(1, 2).contiguous()
+        elif name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")):
+            sd[name.removesuffix("_bias") + ".bias"] = t
+        else:
+            sd[name] = t
+    tokenizer = (folder / "tokenizer.json").read_bytes()
+    sd["tokenizer_json"] = torch.frombuffer(bytearray(tokenizer), dtype=torch.uint8)
+    rope = cfg.rope_scaling
+    size = {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "num_local_experts": cfg.num_local_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+        "sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types), "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_factor": rope["factor"], "rope_beta_fast": rope["beta_fast"],
+        "rope_beta_slow": rope["beta_slow"], "rope_truncate": rope["truncate"],
+        "original_max_position_embeddings": rope["original_max_position_embeddings"],
+        "moe_alpha": cfg.swiglu_alpha, "moe_limit": cfg.swiglu_limit,
+    }
+    return save_file_atomic(sd, dst, {"gpt_oss_config": json.dumps(size)})
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lens-comfy-models")
     paths = write_tiny_models(root / "models", root / "scratch")
     paths["loras"] = write_tiny_loras(root / "models" / "loras", paths["lens"])
+    paths.update(write_tiny_ggufs(root / "models", paths))
+    paths.update(write_tiny_comfy_quants(root / "models", paths["lens"]))
+    paths["native_encoder"] = write_native_lens_encoder(paths, root / "models" / "text_encoders" / NATIVE_ENCODER)
     return paths
 
 
@@ -149,6 +245,7 @@ def server(request, tmp_path_factory):
     tiny_models = request.getfixturevalue("tiny_models")
     base = tmp_path_factory.mktemp(f"comfy-base-{comfyui_version(root)}")
     srv = ComfyServer(root, base, python)
+    (srv.base / "custom_nodes" / NATIVE_CLIP_NODE.name).symlink_to(NATIVE_CLIP_NODE)
     models = tiny_models["lens"].parents[1]
     (srv.models / "loras").mkdir(exist_ok=True)
     for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
@@ -200,6 +297,12 @@ def node_of(prompt: dict, class_type: str) -> dict:
 def input_spec(info: dict, class_type: str) -> dict:
     spec = info[class_type]["input"]
     return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def combo_options(info: dict, class_type: str, name: str) -> list:
+    """A combo input's values, in either /object_info form (V1: a list; V3: COMBO + options)."""
+    kind, *rest = input_spec(info, class_type)[name]
+    return kind if isinstance(kind, list) else rest[0]["options"]
 
 
 def validate_against_object_info(prompt: dict, info: dict) -> None:
@@ -283,8 +386,11 @@ def test_object_info_lists_the_lens_nodes(object_info):
         assert sorted(spec) == sorted(inputs)
         for name, entry in spec.items():
             assert len(entry) > 1 and entry[1].get("tooltip"), f"{node}.{name} has no tooltip"
-    assert input_spec(object_info, "LensTextEncoderLoader")["text_encoder_name"][1]["options"] == [
-        "gpt-oss-tiny/", "gpt_oss_tiny.safetensors"]
+    assert combo_options(object_info, "LensTextEncoderLoader", "text_encoder_name") == [
+        "gpt-oss-tiny/", "gpt_oss_tiny-F32.gguf", "gpt_oss_tiny-Q8_0.gguf", "gpt_oss_tiny.safetensors", NATIVE_ENCODER]
+    assert combo_options(object_info, "LensModelLoader", "unet_name") == [
+        "lens_tiny-F32.gguf", "lens_tiny-Q4_K.gguf", "lens_tiny-Q8_0.gguf", *sorted(COMFY_QUANT_FILES.values()),
+        "lens_tiny.safetensors", "lens_turbo_tiny.safetensors"]
     assert input_spec(object_info, "LensVAELoader")["vae_name"][1]["options"] == [
         "flux2-vae-tiny-diffusers/", "flux2-vae-tiny.safetensors"]
     aspect = input_spec(object_info, "LensResolution")["aspect_ratio"][1]["options"]
@@ -480,7 +586,13 @@ def test_native_lens_model_with_lens_conditioning(server, tiny_models):
 
 # -- LoRA -------------------------------------------------------------------------------------------
 
-LORA_CALL = dict(steps=4, cfg=5.0, width=96, height=64, seed=42)
+SMALL_CALL = dict(steps=4, cfg=5.0, width=96, height=64, seed=42)  # what _small_prompt / _lora_prompt run
+
+
+def _small_prompt(**overrides) -> dict:
+    """lens_t2i at SMALL_CALL's size and steps."""
+    return with_tiny_models(workflow("lens_t2i"), LensResolution={"mode": "custom", "width": 96, "height": 64},
+                            LensSampler={"steps": 4}, **overrides)
 
 
 def _lora_prompt(**overrides) -> dict:
@@ -492,7 +604,7 @@ def _lora_prompt(**overrides) -> dict:
 def lora_references(tiny_models) -> dict:
     """lens_core's images for the LoRA tests: without LoRA, and with it at 0.8."""
     text = node_of(workflow("lens_t2i_lora"), "LensTextEncode")["inputs"]["prompt"]
-    call = dict(prompt=text, negative_prompt="", **LORA_CALL)
+    call = dict(prompt=text, negative_prompt="", **SMALL_CALL)
     plain = reference(tiny_models, "lens", "text_encoder_folder", **call)[0]
     lora = tiny_models["loras"]["lens_lora_tiny.safetensors"]
     with_lora = reference(tiny_models, "lens", "text_encoder_folder", loras=[(lora, 0.8)], **call)[0]
@@ -505,9 +617,7 @@ def test_lora_workflow_same_pixels_as_lens_core_and_unpatches(server, lora_refer
     workflow without the LoRA gets the plain weights back (ComfyUI unpatched the shared model)."""
     got = pixels(server.images(run_ok(server, _lora_prompt(LensLoraLoader={"strength": 0.8})))[0])
     assert_same_image(got, lora_references["lora"])
-    plain = with_tiny_models(workflow("lens_t2i"), LensResolution={"mode": "custom", "width": 96, "height": 64},
-                             LensSampler={"steps": 4})
-    assert_same_image(pixels(server.images(run_ok(server, plain))[0]), lora_references["plain"])
+    assert_same_image(pixels(server.images(run_ok(server, _small_prompt()))[0]), lora_references["plain"])
     # strength 0 is the model itself
     zero = pixels(server.images(run_ok(server, _lora_prompt(LensLoraLoader={"strength": 0.0})))[0])
     assert_same_image(zero, lora_references["plain"])
@@ -561,8 +671,175 @@ def test_lens_lora_loader_on_comfyuis_native_lens_model(server, tiny_models, lor
                                                                "strength": 0.8}}
     text = node_of(prompt, "LensTextEncode")["inputs"]["prompt"]
     want = reference(tiny_models, "lens", "text_encoder_folder", prompt=text, negative_prompt="",
-                     loras=[(tiny_models["loras"]["lens_lora_tiny.safetensors"], 0.8)], **LORA_CALL)[0]
+                     loras=[(tiny_models["loras"]["lens_lora_tiny.safetensors"], 0.8)], **SMALL_CALL)[0]
     assert_same_image(pixels(server.images(run_ok(server, prompt))[0]), want)
+
+
+# -- GGUF -------------------------------------------------------------------------------------------
+
+
+def test_only_the_lens_loaders_list_gguf_files(object_info):
+    """.gguf is registered for the Lens loaders alone: ComfyUI's own loaders (which cannot read these
+    files) and the Lens LoRA/VAE loaders list what they listed before."""
+    for class_type, name in (("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("LoraLoaderModelOnly", "lora_name"),
+                             ("CheckpointLoaderSimple", "ckpt_name"), ("LensVAELoader", "vae_name"),
+                             ("LensLoraLoader", "lora_name")):
+        options = combo_options(object_info, class_type, name)
+        assert not [o for o in options if o.endswith(".gguf")], (class_type, options)
+    assert "lens_tiny.safetensors" in combo_options(object_info, "UNETLoader", "unet_name")
+    assert "gpt_oss_tiny.safetensors" in combo_options(object_info, "CLIPLoader", "clip_name")
+
+
+def test_gguf_f32_same_pixels_as_the_safetensors_files(server, tiny_models):
+    """F32 GGUFs of the MMDiT (lens-quantize) and of the encoder (llama.cpp layout, tokenizer from the
+    metadata) hold the safetensors values: lens_core's pixels for the safetensors files."""
+    prompt = _small_prompt(LensModelLoader={"unet_name": "lens_tiny-F32.gguf"},
+                           LensTextEncoderLoader={"text_encoder_name": "gpt_oss_tiny-F32.gguf"})
+    got = pixels(server.images(run_ok(server, prompt))[0])
+    want = reference(tiny_models, "lens", "text_encoder_folder", prompt=node_of(prompt, "LensTextEncode")["inputs"]["prompt"],
+                     negative_prompt="", **SMALL_CALL)[0]
+    assert_same_image(got, want)
+
+
+def test_gguf_q8_same_pixels_as_lens_core_and_close_to_the_original(server, tiny_models):
+    from quant.gguf_reader import GGUFFile
+
+    with GGUFFile(tiny_models["lens_gguf_q8"]) as f:
+        assert f.tensors["transformer_blocks.0.attn.img_qkv.weight"].ggml_type.name == "Q8_0"
+    prompt = _small_prompt(LensModelLoader={"unet_name": "lens_tiny-Q8_0.gguf"})
+    text = node_of(prompt, "LensTextEncode")["inputs"]["prompt"]
+    got = pixels(server.images(run_ok(server, prompt))[0])
+    assert_same_image(got, reference(tiny_models, "lens_gguf_q8", "text_encoder_folder", prompt=text,
+                                     negative_prompt="", **SMALL_CALL)[0])
+    original = reference(tiny_models, "lens", "text_encoder_folder", prompt=text, negative_prompt="", **SMALL_CALL)[0]
+    assert np.abs(got - original).mean() < 2.0, np.abs(got - original).mean()
+
+
+def test_gguf_workflow_same_pixels_as_lens_core(server, tiny_models):
+    """lens_t2i_gguf (a lens-quantize MMDiT, a llama.cpp GPT-OSS GGUF with Q8_0 weights and MXFP4
+    experts) = lens_core on the same two files."""
+    prompt = with_tiny_models(workflow("lens_t2i_gguf"), LensResolution={"mode": "custom", "width": 96, "height": 64},
+                              LensSampler={"steps": 4})
+    got = pixels(server.images(run_ok(server, prompt))[0])
+    want = reference(tiny_models, "lens_gguf_q4", "text_encoder_gguf_q8", negative_prompt="",
+                     prompt=node_of(prompt, "LensTextEncode")["inputs"]["prompt"], **SMALL_CALL)[0]
+    assert_same_image(got, want)
+
+
+@pytest.mark.parametrize(("unet_name", "key"), [("lens_tiny-Q8_0.gguf", "lens_gguf_q8"),
+                                                ("lens_tiny-fp8_scaled.safetensors", "lens_fp8_scaled")])
+def test_loras_on_a_packed_model(server, tiny_models, unet_name, key):
+    """Lens LoRA Loader and the stock LoraLoaderModelOnly on a packed MODEL (a Q8_0 GGUF, a scaled fp8
+    safetensors file): the packed layers apply ComfyUI's patches at each call, = lens_core with the
+    LoRA on the same file; the next run without a LoRA is the plain packed model again."""
+    packed = {"LensModelLoader": {"unet_name": unet_name}}
+    text = node_of(_small_prompt(), "LensTextEncode")["inputs"]["prompt"]
+    call = dict(prompt=text, negative_prompt="", **SMALL_CALL)
+    lora = tiny_models["loras"]["lens_lora_tiny.safetensors"]
+    want = reference(tiny_models, key, "text_encoder_folder", loras=[(lora, 0.8)], **call)[0]
+    plain = reference(tiny_models, key, "text_encoder_folder", **call)[0]
+    assert np.abs(want - plain).max() > 20, "the test LoRA should change the image"
+
+    got = pixels(server.images(run_ok(server, _lora_prompt(LensLoraLoader={"strength": 0.8}, **packed)))[0])
+    assert_same_image(got, want)
+    stock = _lora_prompt(**packed)
+    lora_id = next(k for k, n in stock.items() if n["class_type"] == "LensLoraLoader")
+    stock[lora_id] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": stock[lora_id]["inputs"]["model"], "lora_name": "lens_lora_comfy_ab.safetensors", "strength_model": 0.8}}
+    assert_same_image(pixels(server.images(run_ok(server, stock))[0]), want)
+    assert_same_image(pixels(server.images(run_ok(server, _small_prompt(**packed)))[0]), plain)
+
+
+# -- fp8 and ComfyUI quantised safetensors ------------------------------------------------------------
+
+
+def loader_log_line(server: ComfyServer, file_name: str) -> str:
+    """The Lens Model Loader's last log line for the MMDiT file ``file_name``."""
+    lines = [line for line in server.log_path.read_text(errors="replace").splitlines()
+             if "Lens MMDiT " in line and f"/{file_name}:" in line]
+    assert lines, f"the Lens Model Loader logged no load of {file_name}"
+    return lines[-1]
+
+
+@pytest.mark.parametrize("qtype", list(COMFY_QUANT_FILES))
+def test_fp8_and_comfy_quant_mmdit_same_pixels_as_lens_core(server, tiny_models, qtype):
+    """fp8, scaled fp8 and ComfyUI's comfy_quant mxfp8/nvfp4 MMDiTs (lens-quantize) load in the Lens Model
+    Loader = lens_core's pixels for the same file; every layer the file packs stays packed (the
+    loader logs how many layers hold each packed format)."""
+    from lens_core.loading import open_mmdit
+
+    name = COMFY_QUANT_FILES[qtype]
+    prompt = _small_prompt(LensModelLoader={"unet_name": name})
+    got = pixels(server.images(run_ok(server, prompt))[0])
+    want = reference(tiny_models, f"lens_{qtype}", "text_encoder_folder", negative_prompt="",
+                     prompt=node_of(prompt, "LensTextEncode")["inputs"]["prompt"], **SMALL_CALL)[0]
+    assert_same_image(got, want)
+    source, _ = open_mmdit(tiny_models[f"lens_{qtype}"])
+    assert source.packed_names, "the file should hold packed layers"
+    assert f"packed layers: {len(source.packed_names)} {PACKED_FORMAT[qtype]}, compute" in loader_log_line(server, name)
+
+
+def test_plain_float_mmdit_keeps_comfyuis_own_loading(server):
+    """A plain float safetensors MMDiT still takes ComfyUI's native loading (comfy.ops layers, its weight
+    dtype), not the packed path."""
+    run_ok(server, _small_prompt())
+    line = loader_log_line(server, TINY["lens_bf16.safetensors"])
+    assert "packed" not in line and "weights torch.float32" in line, line
+
+
+# -- aspect ratios ----------------------------------------------------------------------------------
+
+
+def test_aspect_batch_workflow_same_pixels_as_lens_core(server, tiny_models):
+    """lens_t2i_aspect_batch: one image per Lens Resolution bucket, each lens_core's image at that size."""
+    from lens_core.resolution import resolve_bucket
+
+    prompt = with_tiny_models(workflow("lens_t2i_aspect_batch"), LensSampler={"steps": 2})
+    entry = run_ok(server, prompt)
+    text = node_of(prompt, "LensTextEncode")["inputs"]["prompt"]
+    sizes = set()
+    for nid, node in prompt.items():
+        if node["class_type"] != "SaveImage":
+            continue
+        decode = prompt[node["inputs"]["images"][0]]
+        sampler = prompt[decode["inputs"]["samples"][0]]["inputs"]
+        resolution = prompt[sampler["latent"][0]]["inputs"]
+        width, height = resolve_bucket(int(resolution["base_resolution"]), resolution["aspect_ratio"])
+        [image] = [server.output / i["subfolder"] / i["filename"] for i in entry["outputs"][nid]["images"]]
+        got = pixels(image)
+        assert got.shape == (height, width, 3), resolution["aspect_ratio"]
+        want = reference(tiny_models, "lens", "text_encoder_folder", prompt=text, negative_prompt="", steps=2,
+                         cfg=sampler["cfg"], width=width, height=height, seed=sampler["seed"])[0]
+        assert_same_image(got, want)
+        sizes.add((width, height))
+    assert len(sizes) == 3
+
+
+# -- native Lens interop ----------------------------------------------------------------------------
+
+
+def test_native_lens_clip_conditioning_with_lens_model(server, tiny_models):
+    """ComfyUI's own Lens text encoder (the CLIPLoader type=lens code path, see
+    tests/comfy_native_clip_node.py for why a test node loads it) and the stock CLIP Text Encode
+    condition the Lens Model Loader's MODEL: lens_core's pixels for the same encoder weights."""
+    if not (server.comfy_root / "comfy" / "text_encoders" / "gpt_oss.py").is_file():
+        pytest.skip(f"ComfyUI {server.version} has no native Lens text encoder")
+    prompt = _small_prompt()
+    loader = next(k for k, n in prompt.items() if n["class_type"] == "LensTextEncoderLoader")
+    text = node_of(prompt, "LensTextEncode")["inputs"]["prompt"]
+    for nid, node in prompt.items():
+        if node["class_type"] == "LensTextEncode":
+            prompt[nid] = {"class_type": "CLIPTextEncode", "inputs": {"clip": [loader, 0], "text": node["inputs"]["prompt"]}}
+
+    # The stock loader builds the 20B-sized model whatever the file holds (when this changes, use it here).
+    prompt[loader] = {"class_type": "CLIPLoader", "inputs": {"clip_name": NATIVE_ENCODER, "type": "lens"}}
+    errors = [m[1] for m in server.run(prompt)["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "size mismatch for embed_tokens.weight" in errors[0]["exception_message"], errors
+
+    prompt[loader] = {"class_type": "LensTestNativeLensCLIPLoader", "inputs": {"clip_name": NATIVE_ENCODER}}
+    got = pixels(server.images(run_ok(server, prompt))[0])
+    want = reference(tiny_models, "lens", "text_encoder_folder", prompt=text, negative_prompt="", **SMALL_CALL)[0]
+    assert_same_image(got, want)
 
 
 # -- Reasoner ---------------------------------------------------------------------------------------
@@ -616,6 +893,11 @@ def test_reasoner_workflow_api_same_pixels_as_lens_core(server, tiny_models, cha
     assert _ui_text(run_ok(server, other), other, "LensReasoner") == "a second rewrite"
     run_ok(server, prompt)
     assert len(chat.requests) == 2
+
+
+def test_reasoner_text_display_is_served_to_the_frontend(server):
+    """web/lens_reasoner.js (the refined prompt drawn inside the Lens Reasoner node) is registered."""
+    assert f"/extensions/{EXTENSION_NAME}/lens_reasoner.js" in server.get("/extensions")
 
 
 def test_reasoner_passthrough_shows_why_and_retries_on_requeue(server, chat):
