@@ -4,8 +4,8 @@ No Lens or GPT-OSS weights can be downloaded here, and quantising 4 B random flo
 machine would take hours, but neither a file's size nor the loader's memory depends on the values:
 
 * :func:`mmdit_plan` gives every MMDiT tensor's ggml type under ``lens-quantize``'s default policy
-  (:func:`quant.convert.choose_type`, bf16 source); :func:`write_mmdit_header` writes the header
-  as the converter does and :func:`write_random_mmdit` adds valid random blocks
+  (:func:`quant.convert.choose_type`, bf16 source); :func:`write_random_mmdit` writes the
+  converter's header (:func:`quant.convert.write_header`) and valid random blocks
   (:mod:`quant.synthetic`): a file the loader cannot tell from a converted one;
 * :func:`gpt_oss_tensors` lists the tensors of a llama.cpp gpt-oss GGUF (MXFP4 experts, the
   other matrices in one type, 1-D tensors F32) the way :func:`quant.gpt_oss_gguf.write_gpt_oss_gguf`
@@ -28,7 +28,7 @@ import torch
 
 from lens_core.mmdit import LensMMDiT, MMDiTConfig
 from lens_core.text_encoder import GptOssConfig
-from quant.convert import CONFIG_KEY, LENS_ARCH, _config_json, choose_type
+from quant.convert import choose_type, write_header
 from quant.ggml_types import GGMLType, tensor_nbytes
 from quant.gpt_oss_gguf import LAYER_NAMES, gguf_tensor_names
 from quant.synthetic import random_blocks
@@ -41,6 +41,8 @@ RANDOM_SCALE = 1e-4
 """fp16 block-scale spread of the random blocks: K-quant weights come out ~0.02, like a trained layer."""
 SLAB_ROWS = 64
 """Random rows drawn per tensor; the rest of the tensor repeats them (valid blocks either way)."""
+NAME = "lens_bf16"
+"""general.name: what ``lens-quantize lens_bf16.safetensors ...`` stores (the input's stem)."""
 
 
 def _padded(n: int) -> int:
@@ -68,35 +70,13 @@ def mmdit_plan(qtype: str, config: MMDiTConfig | None = None) -> Plan:
     ]
 
 
-def write_mmdit_header(
-    path: str | os.PathLike[str], qtype: str, config: MMDiTConfig, plan: Plan, name: str = "lens_bf16"
-) -> gguf.GGUFWriter:
-    """Open ``path`` and write what ``quant.convert.convert_mmdit`` writes before the tensor data
-    (same metadata, same tensor infos); returns the writer, positioned at the data."""
-    writer = gguf.GGUFWriter(str(path), LENS_ARCH)
-    writer.add_name(name)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_string(CONFIG_KEY, _config_json(config))
-    writer.add_string("lens.quantization", qtype)
-    writer.add_string("lens.converter", "ComfyUI-Lens quant.convert")
-    for tname, shape, gtype in plan:
-        np_dtype = np.float16 if gtype == GGMLType.F16 else np.float32
-        raw = None if gtype in (GGMLType.F32, GGMLType.F16) else gguf.GGMLQuantizationType(int(gtype))
-        writer.add_tensor_info(tname, shape, np.dtype(np_dtype), tensor_nbytes(gtype, shape), raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.flush()
-    return writer
-
-
 def mmdit_file_size(qtype: str, config: MMDiTConfig | None = None) -> int:
     """Exact size of ``lens-quantize --type qtype``'s output for an MMDiT of ``config`` (no data written)."""
     config = config or MMDiTConfig()
     plan = mmdit_plan(qtype, config)
     with tempfile.TemporaryDirectory() as tmp:
         header = Path(tmp) / "header.gguf"
-        write_mmdit_header(header, qtype, config, plan).close()
+        write_header(header, qtype, config, plan, NAME).close()
         return file_size(header.stat().st_size, plan)
 
 
@@ -118,10 +98,12 @@ def write_random_mmdit(
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        writer = write_mmdit_header(tmp, qtype, config, plan)
-        for i, (_, shape, gtype) in enumerate(plan):
-            writer.write_tensor_data(_random_tensor(shape, gtype, seed + i))
-        writer.close()
+        writer = write_header(tmp, qtype, config, plan, NAME)
+        try:
+            for i, (_, shape, gtype) in enumerate(plan):
+                writer.write_tensor_data(_random_tensor(shape, gtype, seed + i))
+        finally:
+            writer.close()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg", type=float, help="override the preset's guidance scale (1 = no uncond pass)")
     g.add_argument("--width", type=int, help="image width, a multiple of 16 (with --height)")
     g.add_argument("--height", type=int, help="image height, a multiple of 16 (with --width)")
-    g.add_argument("--base", type=int, choices=sorted(BUCKETS), default=1024, help="bucket base resolution")
+    g.add_argument("--base", type=int, choices=sorted(BUCKETS),
+                   help="bucket base resolution (default: the model's, 1024 for Lens, 128 for Lens-Toy)")
     g.add_argument("--aspect-ratio", default="1:1", help=f"bucket aspect ratio W:H, one of {', '.join(ASPECT_RATIOS)}")
     g.add_argument("--seed", type=int, help="noise seed (reproducible across machines)")
     g.add_argument("--batch", type=int, default=1, help="images per prompt")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch.nn as nn
 from PIL import Image
 
 from . import __version__
+from .errors import CheckpointError
 from .image_io import to_pil
 from .loading import component_path, default_dtype, load_mmdit, load_mmdit_config, load_text_encoder, load_vae
 from .lora import LoraModule, linear_weight_shapes, merge_lora_, read_lora
@@ -27,7 +29,7 @@ from .mmdit import LensMMDiT
 from .ops import DEFAULT_OPS
 from .prompt import empty_features, pad_to_length, split_features, tokenize_prompts
 from .reasoner import PipelineLocalReasoner, ReasonerSettings, refine
-from .resolution import resolve_bucket, validate_size
+from .resolution import scaled_bucket, validate_size
 from .safetensors_io import TensorSource
 from .sampling import PRESETS, euler_sample, initial_noise
 from .schedule import lens_sigmas
@@ -61,6 +63,21 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def declared_resolution(transformer_path: Path) -> int:
+    """The base resolution a pipeline folder declares (``default_resolution`` in its
+    ``model_index.json``: a small model trained at another size, such as Lens-Toy's 128), else 1024."""
+    index = transformer_path.parent / "model_index.json" if transformer_path.is_dir() else None
+    if index is None or not index.is_file():
+        return 1024
+    try:
+        value = json.loads(index.read_text()).get("default_resolution", 1024)
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(index, f"unreadable model_index.json ({e})") from e
+    if not isinstance(value, int) or value < 16:
+        raise CheckpointError(index, f"default_resolution must be an integer >= 16, got {value!r}")
+    return value
 
 
 def find_tokenizer(encoder_path: Path) -> Tokenizer:
@@ -126,6 +143,7 @@ class LensPipeline:
         self.mmdit_config = load_mmdit_config(self.paths["transformer"])  # headers only
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else find_tokenizer(self.paths["text_encoder"])
         self._models: dict[str, nn.Module] = {}
+        self.default_resolution = declared_resolution(self.paths["transformer"])
         self._local_reasoner: PipelineLocalReasoner | None = None
         self.loras: list[tuple[Path, float]] = []
         self._lora_modules: list[dict[tuple[str, int | None], LoraModule]] = []
@@ -251,7 +269,7 @@ class LensPipeline:
         cfg: float | None = None,
         width: int | None = None,
         height: int | None = None,
-        base: int = 1024,
+        base: int | None = None,
         aspect_ratio: str = "1:1",
         seed: int | None = None,
         num_images_per_prompt: int = 1,
@@ -260,7 +278,8 @@ class LensPipeline:
     ) -> LensOutput:
         """Generate ``len(prompts) * num_images_per_prompt`` images (ordered p0, p0, ..., p1, ...).
 
-        Size: ``width``/``height`` (multiples of 16) or a bucket ``base`` x ``aspect_ratio`` (W:H).
+        Size: ``width``/``height`` (multiples of 16) or a bucket ``base`` x ``aspect_ratio`` (W:H);
+        ``base`` None = the model's own (:attr:`default_resolution`).
         ``seed`` fixes the noise exactly as the reference does (CPU generator); None draws one,
         reported in the settings. ``reasoner`` rewrites the prompts first (``local``: with this
         pipeline's GPT-OSS weights; ``api``: an OpenAI-compatible server); the text actually encoded
@@ -279,7 +298,7 @@ class LensPipeline:
         if (width is None) != (height is None):
             raise ValueError("give both width and height, or neither (then base and aspect_ratio pick a bucket)")
         if width is None:
-            width, height = resolve_bucket(base, aspect_ratio)
+            width, height = scaled_bucket(base or self.default_resolution, aspect_ratio)
         validate_size(width, height)
         seed = seed if seed is not None else random.randrange(2**63)
         n = int(num_images_per_prompt)

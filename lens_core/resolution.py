@@ -72,6 +72,18 @@ def resolve_bucket(base: int, aspect_ratio: str) -> tuple[int, int]:
     return width, height
 
 
+def scaled_bucket(base: int, aspect_ratio: str) -> tuple[int, int]:
+    """``(width, height)`` of the 1024 bucket of ``aspect_ratio`` scaled to ``base`` and snapped to
+    multiples of 16: the official bucket for an official base, otherwise the same shape at the base
+    a smaller model was trained at (Lens-Toy: 128 -> 128x128, 16:9 -> 176x96)."""
+    if base in BUCKETS:
+        return resolve_bucket(base, aspect_ratio)
+    if base < MULTIPLE:
+        raise ResolutionError(f"base resolution must be at least {MULTIPLE}, got {base}")
+    width, height = resolve_bucket(1024, aspect_ratio)
+    return tuple(max(MULTIPLE, round(side * base / 1024 / MULTIPLE) * MULTIPLE) for side in (width, height))
+
+
 def validate_size(width: int, height: int) -> None:
     """Raise ResolutionError unless both sides are positive multiples of 16.
 

@@ -30,19 +30,26 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lens_core.errors import CheckpointError
 
-from .ggml_types import TYPE_SIZES, GGMLType
+from .ggml_types import TYPE_SIZES, GGMLType, tensor_nbytes
 from .quantize import QUANTIZERS, quantize, to_numpy_bytes
 
-__all__ = ["ConversionReport", "choose_type", "convert_mmdit", "main", "plan_mmdit"]
+if TYPE_CHECKING:
+    import gguf
+
+    from lens_core.mmdit import MMDiTConfig
+
+__all__ = ["ConversionReport", "choose_type", "convert_mmdit", "main", "plan_mmdit", "write_header"]
 
 LENS_ARCH = "lens"
 CONFIG_KEY = "lens.config"
@@ -172,7 +179,7 @@ def plan_mmdit(src: str | os.PathLike[str], qtype: str, policy: Callable[..., GG
     return source, config, plan
 
 
-def _config_json(config) -> str:
+def _config_json(config: MMDiTConfig) -> str:
     return json.dumps(
         {
             "in_channels": config.in_channels,
@@ -201,12 +208,41 @@ def _encode(t: torch.Tensor, gtype: GGMLType) -> np.ndarray:
     return to_numpy_bytes(quantize(t, gtype), tuple(t.shape), gtype)
 
 
-def _nbytes(shape: Sequence[int], gtype: GGMLType) -> int:
-    values, size = TYPE_SIZES[gtype]
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n // values * size
+def write_header(
+    path: str | os.PathLike[str],
+    qtype: str,
+    config: MMDiTConfig,
+    plan: Sequence[tuple[str, tuple[int, ...], GGMLType]],
+    name: str,
+) -> gguf.GGUFWriter:
+    """Open a GGUF at ``path`` and write everything before the tensor data: the metadata and the
+    tensor table of ``plan`` (``(name, shape, type)`` in file order, as :func:`plan_mmdit` gives).
+
+    Returns the ``gguf.GGUFWriter``, positioned at the data: write each tensor in plan order, then
+    close it.  Shared with the benchmarks' random-weight files, which must be laid out exactly so.
+    """
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), LENS_ARCH)
+    try:
+        writer.add_name(name)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string(CONFIG_KEY, _config_json(config))
+        writer.add_string("lens.quantization", qtype)
+        writer.add_string("lens.converter", "ComfyUI-Lens quant.convert")
+        for tname, shape, gtype in plan:
+            np_dtype = np.float16 if gtype == GGMLType.F16 else np.float32
+            raw = None if gtype in (GGMLType.F32, GGMLType.F16) else gguf.GGMLQuantizationType(int(gtype))
+            nbytes = tensor_nbytes(gtype, shape)
+            writer.add_tensor_info(tname, shape, np.dtype(np_dtype), nbytes, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.flush()
+    except BaseException:
+        writer.close()
+        raise
+    return writer
 
 
 def convert_mmdit(
@@ -223,8 +259,6 @@ def convert_mmdit(
     ``qtype``: one of :data:`CHOICES`.  ``policy(name, shape, qtype, source_dtype)`` picks each
     tensor's type (:func:`choose_type` by default).  ``progress(i, n, name)`` is called per tensor.
     """
-    import gguf
-
     if qtype not in CHOICES:
         raise ValueError(f"unknown type {qtype!r}; choose one of {', '.join(CHOICES)}")
     start = time.perf_counter()
@@ -232,41 +266,29 @@ def convert_mmdit(
     source, config, plan = plan_mmdit(src, qtype, policy)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), LENS_ARCH)
     try:
-        writer.add_name(name or Path(src).stem)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_string(CONFIG_KEY, _config_json(config))
-        writer.add_string("lens.quantization", qtype)
-        writer.add_string("lens.converter", "ComfyUI-Lens quant.convert")
-        types: dict[str, int] = {}
-        for tname, shape, gtype in plan:
-            np_dtype = np.float16 if gtype == GGMLType.F16 else np.float32
-            raw = None if gtype in (GGMLType.F32, GGMLType.F16) else gguf.GGMLQuantizationType(int(gtype))
-            writer.add_tensor_info(tname, shape, np.dtype(np_dtype), _nbytes(shape, gtype), raw_dtype=raw)
-            types[gtype.name] = types.get(gtype.name, 0) + 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bytes_in = bytes_out = 0
-        for i, (tname, _, gtype) in enumerate(plan):
-            if progress is not None:
-                progress(i, len(plan), tname)
-            t = source[tname]
-            bytes_in += t.numel() * t.element_size()
-            data = _encode(t, gtype)
-            del t
-            bytes_out += data.nbytes
-            writer.write_tensor_data(data)
-            del data
-        writer.close()
+        writer = write_header(tmp, qtype, config, plan, name or Path(src).stem)
+        try:
+            bytes_in = bytes_out = 0
+            for i, (tname, _, gtype) in enumerate(plan):
+                if progress is not None:
+                    progress(i, len(plan), tname)
+                t = source[tname]
+                bytes_in += t.numel() * t.element_size()
+                data = _encode(t, gtype)
+                del t
+                bytes_out += data.nbytes
+                writer.write_tensor_data(data)
+                del data
+        finally:
+            writer.close()
         os.replace(tmp, dst)
     except BaseException:
-        writer.close()
         tmp.unlink(missing_ok=True)
         raise
     finally:
         source.close()
+    types = dict(Counter(gtype.name for _, _, gtype in plan))
     return ConversionReport(dst, len(plan), bytes_in, bytes_out, types, time.perf_counter() - start)
 
 

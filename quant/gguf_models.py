@@ -8,10 +8,13 @@
 * :func:`load_gguf_tokenizer` (re-exported): the tokenizer embedded in such a file.
 
 Models are built on the meta device with :class:`~quant.layers.GGMLOps` and filled from the memory
-map: quantised linear/embedding weights stay in their ggml blocks (by default as zero-copy views of
-the map on the CPU, copied to an accelerator otherwise), float tensors become ordinary parameters
-in the requested dtype.  GGUF experts stay quantised and only the experts the router picks are
-decoded, one at a time (:class:`GGUFExperts`).
+map: quantised linear/embedding weights stay in their ggml blocks, float tensors become ordinary
+parameters in the requested dtype.  On the CPU both are zero-copy views of the map by default
+(float tensors when the file stores them in that dtype), so a BF16 GGUF loaded in bf16 costs the
+file, not the file twice.  Whatever is copied (a dtype conversion, an accelerator, ``copy=True``)
+is copied tensor by tensor, releasing the file pages of each tensor once it is copied, so resident
+memory is the model plus one tensor.  GGUF experts stay quantised and only the experts the router
+picks are decoded, one at a time (:class:`GGUFExperts`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from lens_core.errors import CheckpointError
 from lens_core.mmdit import LensMMDiT, MMDiTConfig
 from lens_core.text_encoder import GptOssConfig, GptOssEncoder, GptOssExperts
 
+from .dequant import _FLOAT_TYPES as STORED_DTYPES
 from .dequant import BLOCK_INFO, OUTPUT_DTYPES
 from .dequant import dequantize as _dequantize
 from .ggml_types import GGMLType, type_name
@@ -100,17 +104,13 @@ class GGUFSource(Mapping[str, torch.Tensor]):
         return self.file.path
 
     def quantized(self, name: str) -> QuantizedWeight:
-        info = self.info(name)
-        return QuantizedWeight(self.file.raw(info.name), info.ggml_type, info.shape)
+        return _quantized_view(self.file, self.info(name))
 
     def decode(
         self, name: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """Decode to ``dtype`` (any float dtype; decoded in fp32 first if not fp32/16/bf16)."""
-        info = self.info(name)
-        check_decodable(self.file, info)
-        target = dtype if dtype in OUTPUT_DTYPES else torch.float32
-        return self.file.dequantize(info.name, target, device).to(dtype)
+        return _decode(self.file, self.info(name), dtype, device)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.decode(name)
@@ -148,10 +148,42 @@ def _default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
-def _quantized_for(q: QuantizedWeight, device: torch.device, copy: bool) -> QuantizedWeight:
-    if q.device != device:
-        return q.to(device)
-    return q.clone() if copy else q
+def _decode(
+    file: GGUFFile, info: GGUFTensorInfo, dtype: torch.dtype, device: torch.device | str | None
+) -> torch.Tensor:
+    check_decodable(file, info)
+    target = dtype if dtype in OUTPUT_DTYPES else torch.float32
+    return file.dequantize(info.name, target, device).to(dtype)
+
+
+def _quantized_view(file: GGUFFile, info: GGUFTensorInfo) -> QuantizedWeight:
+    return QuantizedWeight(file.raw(info.name), info.ggml_type, info.shape)
+
+
+def _quantized_for(file: GGUFFile, info: GGUFTensorInfo, device: torch.device, copy: bool) -> QuantizedWeight:
+    """The tensor still in its ggml type, on ``device``: a view of the map on the CPU unless
+    ``copy``, else a copy, after which the tensor's file pages are released."""
+    q = _quantized_view(file, info)
+    if q.device == device and not copy:
+        return q
+    q = q.to(device) if q.device != device else q.clone()
+    file.release(info.name)
+    return q
+
+
+def _dense_for(
+    file: GGUFFile, info: GGUFTensorInfo, dtype: torch.dtype, device: torch.device, copy: bool
+) -> torch.Tensor:
+    """The tensor as a dense ``dtype`` tensor on ``device``: a view of the map on the CPU when the
+    file stores exactly ``dtype`` (unless ``copy``), else decoded into new memory, after which the
+    tensor's file pages are released (a converting load never holds the file beside the copies)."""
+    check_decodable(file, info)
+    stored = STORED_DTYPES.get(info.ggml_type)
+    if not copy and device.type == "cpu" and stored == dtype and info.offset % dtype.itemsize == 0:
+        return file.raw(info.name).view(dtype).view(info.shape)
+    t = _decode(file, info, dtype, device)
+    file.release(info.name)
+    return t
 
 
 def load_state_from_gguf(
@@ -166,9 +198,9 @@ def load_state_from_gguf(
     """Fill ``model`` (built on the meta device) from ``source``.
 
     Names and shapes are checked first (CheckpointError naming the tensor); weights of GGML layers
-    stay quantised, every other tensor is decoded to the dtype the module declared.  ``copy``
-    detaches CPU weights from the file map (by default they are zero-copy views of it).  ``skip``:
-    model keys the caller fills itself (left untouched here).
+    stay quantised, every other tensor gets the dtype the module declared.  On the CPU, quantised
+    weights and float tensors already in that dtype are zero-copy views of the file map; ``copy``
+    detaches them.  ``skip``: model keys the caller fills itself (left untouched here).
     """
     device = torch.device(device)
     expected = {k: v for k, v in model.state_dict().items() if k not in skip}
@@ -201,10 +233,10 @@ def load_state_from_gguf(
         info = source.info(k)
         check_decodable(source.file, info)
         if k in quantisable and info.ggml_type not in FLOAT_TYPES:
-            state[k] = _quantized_for(source.quantized(k), device, copy)
+            state[k] = _quantized_for(source.file, info, device, copy)
         else:
             dtype = meta.dtype if meta.is_floating_point() else torch.float32
-            state[k] = source.decode(k, dtype, device)
+            state[k] = _dense_for(source.file, info, dtype, device, copy)
     result = model.load_state_dict(state, strict=not skip, assign=True)
     if skip:
         wrong = [k for k in result.missing_keys if k not in skip] + list(result.unexpected_keys)
@@ -451,16 +483,16 @@ def _fill_experts(
                 f.path, f"incomplete GPT-OSS GGUF: tensor 'blk.{layer}.ffn_{part}_exps.weight' is missing"
             )
         check_decodable(f, info)
-        q = QuantizedWeight(f.raw(info.name), info.ggml_type, info.shape)
-        if q.ggml_type == GGMLType.F32 and dtype != torch.float32:
+        if info.ggml_type == GGMLType.F32 and dtype != torch.float32:
             # Dense fp32 experts in a low-precision model: keep them in the model dtype.
-            dense = q.dequantize(dtype).contiguous()
+            dense = _dense_for(f, info, dtype, device, copy)
             q = QuantizedWeight(
-                dense.view(torch.uint8).reshape(-1),
+                dense.reshape(-1).view(torch.uint8),
                 GGMLType.BF16 if dtype == torch.bfloat16 else GGMLType.F16,
-                q.shape,
+                info.shape,
             )
-        q = _quantized_for(q, device, copy)
+        else:
+            q = _quantized_for(f, info, device, copy)
         try:
             experts.set_weight(part, q)
         except ValueError as e:
@@ -470,13 +502,12 @@ def _fill_experts(
         info = _expert_tensor(f, layer, part, "bias")
         if info is None:
             return torch.zeros(config.num_local_experts, length, dtype=dtype, device=device)
-        check_decodable(f, info)
         if info.shape != (config.num_local_experts, length):
             raise CheckpointError(
                 f.path,
                 f"tensor {info.name!r} has shape {info.shape}, expected {(config.num_local_experts, length)}",
             )
-        return f.dequantize(info.name, torch.float32, device).to(dtype)
+        return _dense_for(f, info, dtype, device, copy)
 
     i, h = config.intermediate_size, config.hidden_size
     if fused is not None:

@@ -231,6 +231,23 @@ class GGUFFile:
         except (NotImplementedError, ValueError) as e:
             raise GGUFError(self.path, f"tensor {name!r}: {e}") from e
 
+    def release(self, name: str) -> None:
+        """Drop the file pages of tensor ``name`` from this process's resident memory.
+
+        For loaders that copy a tensor out of the map (another dtype or device): otherwise every
+        page they read stays mapped in, and a whole-file load holds the file beside its copy.  The
+        pages stay in the page cache and fault back in on the next access, so views of this or a
+        neighbouring tensor (sharing an edge page) stay valid.  A no-op without ``MADV_DONTNEED``
+        (Windows) or once the file is closed.
+        """
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        info = self.tensors[name]
+        if self._mm is None or advice is None or not info.n_bytes:
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE  # madvise wants a page-aligned start
+        with contextlib.suppress(OSError):
+            self._mm.madvise(advice, start, info.offset + info.n_bytes - start)
+
     # -- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -175,3 +175,27 @@ def test_cli_runs_a_gguf_mmdit(tmp_path, tiny_pipeline, qtype):
         np.testing.assert_array_equal(a, b)  # lossless GGUF: the same image
     else:
         assert np.abs(a - b).mean() < 8  # 8-bit weights: close to the safetensors image
+
+
+def test_model_declared_resolution_is_the_default_size(tmp_path, tiny_pipeline):
+    """A pipeline folder's ``default_resolution`` (Lens-Toy: 128) is the size when none is asked for;
+    without it the default is Lens's 1024 buckets; a bad value names the file."""
+    import json
+    import shutil
+
+    from lens_core.errors import CheckpointError
+    from lens_core.pipeline import declared_resolution
+
+    root = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline, root)
+    index = root / "model_index.json"
+    data = json.loads(index.read_text()) if index.exists() else {}
+    assert declared_resolution(root / "transformer") == 1024
+    index.write_text(json.dumps({**data, "default_resolution": 64}))
+    out = tmp_path / "img.png"
+    assert _run(["--prompt", "a red circle", "--model", root, "--steps", 1, "--aspect-ratio", "16:9", "--output", out]) == 0
+    with Image.open(out) as im:
+        assert im.size == (80, 48)  # 1376x768 scaled to base 64, snapped to 16
+    index.write_text(json.dumps({**data, "default_resolution": "big"}))
+    with pytest.raises(CheckpointError, match="model_index.json.*default_resolution"):
+        declared_resolution(root / "transformer")

@@ -13,6 +13,7 @@ from lens_core.resolution import (
     LensResolutionWarning,
     aspect_label,
     resolve_bucket,
+    scaled_bucket,
     snap_to_multiple,
     validate_size,
 )
@@ -111,3 +112,14 @@ def test_aspect_labels() -> None:
     for bad in ("wide", "16x9", "0:1"):
         with pytest.raises(ResolutionError):
             aspect_label(bad)
+
+
+def test_scaled_bucket_keeps_official_buckets_and_scales_the_shape() -> None:
+    for base in BUCKETS:
+        for name in ASPECT_RATIOS:
+            assert scaled_bucket(base, name) == resolve_bucket(base, name)
+    assert scaled_bucket(128, "1:1") == (128, 128)
+    assert scaled_bucket(128, "16:9") == (176, 96)  # 1376x768 / 8, snapped to 16
+    assert scaled_bucket(128, "9:16 (portrait)") == (96, 176)
+    with pytest.raises(ResolutionError, match="at least 16"):
+        scaled_bucket(8, "1:1")

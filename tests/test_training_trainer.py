@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -227,3 +228,32 @@ def test_cli_cache_only_reports_hits(setup, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cache ready: latents 12 hit / 0 computed" in out and "2 samples skipped" in out
     assert not (tmp_path / "c" / "checkpoints").exists()  # nothing was trained
+
+
+def test_lr_schedule_warmup_constant_decay():
+    from training.trainer import WarmupConstantDecay
+
+    s = WarmupConstantDecay(warmup=4, total=20, decay=5)
+    lrs = [s(i) for i in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and set(lrs[4:15]) == {1.0}
+    assert lrs[15:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    assert WarmupConstantDecay(warmup=0)(10**6) == 1.0  # no decay: constant for ever
+
+
+def test_finished_run_extended_with_a_cooldown(setup, tmp_path):
+    """A finished run resumed with more steps and ``decay_steps`` continues from its checkpoint with the
+    new schedule (the usual way to cool a long run down), not the one saved with it."""
+    from training.trainer import WarmupConstantDecay
+
+    pipe, data, cache, _ = setup
+    base = {"checkpoint_every": 3, "warmup_steps": 2, "learning_rate": 1e-3}
+    first = Trainer(tiny_config(pipe, data, tmp_path, cache={"dir": str(cache)}, train={**base, "max_steps": 3}))
+    assert first.train().step == 3
+    longer = {**base, "max_steps": 7, "decay_steps": 4}
+    resumed = Trainer(tiny_config(pipe, data, tmp_path, cache={"dir": str(cache)}, train=longer)).train()
+    assert resumed.resumed_from == 3 and resumed.step == 7
+    with open(tmp_path / "loss_log.csv") as f:
+        lrs = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    schedule = WarmupConstantDecay(2, 7, 4)
+    assert [lrs[s] for s in range(1, 8)] == pytest.approx([1e-3 * schedule(s - 1) for s in range(1, 8)])
+    assert lrs[7] < lrs[5] < lrs[3] == pytest.approx(1e-3)

@@ -164,6 +164,8 @@ class TrainSection:
     ``checkpoint_every`` 0 = only at the end; ``keep_checkpoints`` newest complete ones kept.
     ``caption_dropout``: fraction of captions replaced by the empty prompt (what CFG's
     unconditional branch sees); 0.1 is usual when training from scratch, 0 for fine-tunes.
+    ``decay_steps``: the LR falls linearly to 0 over the last this-many steps of ``max_steps``
+    (warm-up, constant, then decay); 0 = constant to the end, as the paper.
     """
 
     output_dir: str = "lens-train-output"
@@ -174,6 +176,7 @@ class TrainSection:
     weight_decay: float = 0.01
     eps: float = 1e-8
     warmup_steps: int = 100
+    decay_steps: int = 0
     grad_clip: float = 1.0
     grad_accum: int = 1
     mixed_precision: str = "auto"
@@ -202,6 +205,8 @@ class TrainSection:
             raise ValueError(f"[train] ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"[train] caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if not 0 <= self.decay_steps <= self.max_steps:
+            raise ValueError(f"[train] decay_steps must be in [0, max_steps={self.max_steps}], got {self.decay_steps}")
 
 
 @dataclass

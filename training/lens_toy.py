@@ -11,10 +11,13 @@ The recipe, every stage reproducible from a seed on a CPU:
 4. ``train``: full training of the MMDiT with :class:`training.trainer.Trainer` (flow matching,
    cached latents and features, EMA);
 5. ``eval``: ToyEval on held-out prompts at CFG 1 and CFG > 1;
-6. ``export``: the trained pipeline in bf16 into ``lens_core/default_model``.
+6. ``export``: the trained pipeline in bf16 into ``lens_core/default_model``;
+7. ``grid``: the README's picture - the first held-out ToyEval prompts at CFG 4, each captioned
+   with its prompt and ToyEval's verdict (not picked by hand).
 
     python -m training.lens_toy all --out runs/lens-toy      # vae, data, init, train, eval
     python -m training.lens_toy export --out runs/lens-toy   # then replace the shipped default
+    python -m training.lens_toy grid --grid docs/lens_toy_grid.png
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
+from lens_core.image_io import save_png
 from lens_core.loading import load_mmdit
 from lens_core.mmdit import MMDiTConfig
 from lens_core.pipeline import DEFAULT_MODEL_DIR, LensPipeline
@@ -40,7 +46,7 @@ from lens_core.vae import VAEConfig
 from .buckets import make_buckets
 from .config import config_from_dict
 from .toy_scenes import caption_scene, make_prompt_set, render_scene, sample_scene, short_prompt
-from .toyeval import evaluate, format_table
+from .toyeval import evaluate, format_table, score_image
 from .trainer import Trainer
 from .vae_trainer import save_vae, toy_image_batches, train_vae
 
@@ -78,6 +84,8 @@ def init_pipeline(root: Path, vae_dir: Path, seed: int) -> Path:
     write_random_pipeline(root, (mmdit_cfg, enc_cfg, vae_cfg), seed=seed, tokenizer_json=False)
     shutil.rmtree(root / "vae")
     shutil.copytree(vae_dir, root / "vae")
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "default_resolution": AREA}, indent=2) + "\n")
     src = TensorSource.open(root / "transformer")
     state = {k: src[k].clone() for k in src}
     for k in state:
@@ -90,7 +98,7 @@ def init_pipeline(root: Path, vae_dir: Path, seed: int) -> Path:
     return root
 
 
-def train_config(pipeline: Path, data: Path, out: Path, steps: int, batch: int, lr: float) -> dict:
+def train_config(pipeline: Path, data: Path, out: Path, steps: int, batch: int, lr: float, decay: int) -> dict:
     return {
         "model": {"path": str(pipeline)},
         "data": {"kind": "folder", "path": str(data), "num_workers": 0},
@@ -100,7 +108,7 @@ def train_config(pipeline: Path, data: Path, out: Path, steps: int, batch: int, 
         "sample": {"every": 0, "prompts": ["a photo of a red circle to the left of a blue square"],
                    "seeds": [0], "steps": 20, "cfg": 4.0, "width": AREA, "height": AREA},
         "train": {"output_dir": str(out), "mode": "full", "max_steps": steps, "learning_rate": lr,
-                  "warmup_steps": min(200, steps // 10), "weight_decay": 0.0, "gradient_checkpointing": False,
+                  "warmup_steps": min(200, steps // 10), "decay_steps": decay, "weight_decay": 0.0, "gradient_checkpointing": False,
                   "ema_decay": 0.998, "caption_dropout": 0.1, "checkpoint_every": 500, "device": "cpu", "seed": 0},
     }
 
@@ -141,17 +149,41 @@ def evaluate_model(model: Path, n: int, seed: int, cfgs: Sequence[float], steps:
     return results
 
 
+def image_grid(model: Path, n: int, seed: int, cfg: float = 4.0, columns: int = 4, steps: int = 20) -> Image.Image:
+    """The first ``n`` held-out prompts rendered by ``model`` (the same images as :func:`evaluate_model`),
+    each above its prompt, wrapped, and ToyEval's verdict (green "pass" / red "fail")."""
+    specs = make_prompt_set(n, seed, split="heldout")
+    pipe = LensPipeline.from_pretrained(model, device="cpu", offload=False)
+    images = pipe([s["prompt"] for s in specs], steps=steps, cfg=cfg, width=AREA, height=AREA, seed=seed).images
+    cell, text_h, pad = 2 * AREA, 64, 8
+    rows = -(-n // columns)
+    sheet = Image.new("RGB", (columns * (cell + pad) + pad, rows * (cell + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for k, (img, spec) in enumerate(zip(images, specs, strict=True)):
+        x, y = pad + (k % columns) * (cell + pad), pad + (k // columns) * (cell + text_h + pad)
+        sheet.paste(img.resize((cell, cell), Image.NEAREST), (x, y))
+        ok = score_image(img, spec)["correct"]
+        draw.text((x, y + cell + 2), "pass" if ok else "fail", fill=(0, 140, 0) if ok else (200, 0, 0), font=font)
+        for i, line in enumerate(textwrap.wrap(spec["prompt"], 40)[:4]):
+            draw.text((x + 30, y + cell + 2 + 13 * i), line, fill="black", font=font)
+    return sheet
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["vae", "data", "init", "train", "eval", "export", "all"])
+    p.add_argument("stage", choices=["vae", "data", "init", "train", "eval", "export", "grid", "all"])
     p.add_argument("--out", type=Path, default=Path("runs/lens-toy"))
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--images", type=int, default=12000)
-    p.add_argument("--steps", type=int, default=7000)
+    p.add_argument("--steps", type=int, default=23000)
+    p.add_argument("--decay", type=int, default=8000, help="LR cool-down over the last this-many steps")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--eval-prompts", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=Path, default=Path("docs/lens_toy_grid.png"), help="grid stage: output image")
+    p.add_argument("--grid-model", type=Path, default=DEFAULT_MODEL_DIR, help="grid stage: pipeline folder")
     args = p.parse_args(argv)
     out: Path = args.out
     # "all" stops before "export": replacing the shipped default model is a deliberate, separate step.
@@ -169,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "init":
             init_pipeline(out / "init", out / "vae", args.seed)
         elif stage == "train":
-            cfg = config_from_dict(train_config(out / "init", out / "data", out / "run", args.steps, args.batch, args.lr))
+            decay = min(args.decay, args.steps)
+            cfg = config_from_dict(train_config(out / "init", out / "data", out / "run", args.steps, args.batch,
+                                                args.lr, decay))
             Trainer(cfg).train(resume="auto")
             run = out / "run"
             weights = run / "transformer_ema.safetensors"
@@ -182,6 +216,10 @@ def main(argv: list[str] | None = None) -> None:
             if (out / "toyeval.json").exists():  # the shipped model carries its measured score
                 shutil.copy(out / "toyeval.json", DEFAULT_MODEL_DIR / "toyeval.json")
             print(f"exported to {DEFAULT_MODEL_DIR}")
+        elif stage == "grid":
+            settings = {"model": str(args.grid_model), "prompts": "ToyEval held-out", "seed": 1000 + args.seed, "cfg": 4.0}
+            save_png(image_grid(args.grid_model, 12, 1000 + args.seed), args.grid, settings)
+            print(f"wrote {args.grid}")
     print(f"done in {time.time() - t0:.0f} s")
 
 

@@ -62,15 +62,19 @@ from .previews import PromptFeatures, render_previews
 log = logging.getLogger("training")
 
 
-class WarmupConstant:
-    """LR multiplier: linear warm-up from ~0 to 1 over ``warmup`` steps, then constant (the paper's
-    schedule after warm-up). A class, not a lambda, so the scheduler state is serialisable."""
+class WarmupConstantDecay:
+    """LR multiplier: linear warm-up from ~0 to 1 over ``warmup`` steps, constant (the paper's
+    schedule), then, if ``decay`` > 0, a linear fall to 0 over the last ``decay`` of ``total`` steps
+    (a short cool-down gives a better final model than stopping at full LR). A class, not a lambda,
+    so the scheduler state is serialisable."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = int(warmup)
+    def __init__(self, warmup: int, total: int = 0, decay: int = 0) -> None:
+        self.warmup, self.total, self.decay = int(warmup), int(total), int(decay)
 
     def __call__(self, step: int) -> float:
-        return 1.0 if self.warmup <= 0 else min(1.0, (step + 1) / self.warmup)
+        rise = 1.0 if self.warmup <= 0 else min(1.0, (step + 1) / self.warmup)
+        fall = 1.0 if self.decay <= 0 else min(1.0, max(0.0, (self.total - step) / self.decay))
+        return min(rise, fall)
 
 
 @dataclass
@@ -339,7 +343,8 @@ class Trainer:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(t.betas), eps=t.eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupConstant(t.warmup_steps))
+        schedule = WarmupConstantDecay(t.warmup_steps, t.max_steps, t.decay_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.ema = EMA(self.trainable, t.ema_decay) if t.ema_decay > 0 else None
         # The scheduler is stepped by hand once per optimizer step: accelerate's prepared
         # scheduler would step once per process.
@@ -421,6 +426,11 @@ class Trainer:
             opt_state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
             self.optimizer.load_state_dict(opt_state)
         self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule comes from this run's config (a resumed run may be extended or cooled down).
+        schedule = WarmupConstantDecay(self.cfg.train.warmup_steps, self.cfg.train.max_steps, self.cfg.train.decay_steps)
+        self.scheduler.lr_lambdas[0] = schedule
+        for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * schedule(self.scheduler.last_epoch)
         if self.ema is not None:
             if (path / "ema.safetensors").is_file():
                 self.ema.load_state_dict(
