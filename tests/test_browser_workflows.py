@@ -4,7 +4,8 @@ Headless Chromium opens ComfyUI's own frontend, loads every ``workflows/ui/*.jso
 ``app.loadGraphData`` (what dropping the file on the canvas does), checks that the frontend knows
 every node type and flags no node (missing node types become placeholder nodes, missing model files
 red nodes), queues it with ``app.queuePrompt`` (what the Run button calls) and waits until
-``/history`` has the images and every Save/Preview Image node shows them.
+``/history`` has the images and every Save/Preview Image node shows them, and each Lens Reasoner
+its rewritten prompt (the text preview widget of ``web/lens_reasoner.js``).
 
 Model names are mapped to the tiny stand-ins of ``test_nodes_comfyui`` before loading; in the page,
 sizes and steps are then made small through the nodes' widgets, and the Lens Reasoner is pointed
@@ -23,12 +24,14 @@ from __future__ import annotations
 import copy
 import io
 import json
+import operator
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -109,6 +112,10 @@ SHOWN_JS = """(ids) => Object.fromEntries(ids.map(id => {
   return [id, imgs.filter(i => i.complete && i.naturalWidth > 0)
                   .map(i => new URL(i.src, location.href).searchParams.get('filename'))];
 }))"""
+# node id -> the text in its text preview widget (the frontend's, which web/lens_reasoner.js gives the
+# Lens Reasoner), or null without one.
+PREVIEW_TEXT_JS = """(ids) => Object.fromEntries(ids.map(id => [id,
+  app.canvas.graph.getNodeById(Number(id))?.widgets?.find(w => w.name === 'preview_text')?.value ?? null]))"""
 
 
 def _loud_skip(reason: str):
@@ -234,15 +241,24 @@ def queue(page, server) -> str:
     return body["prompt_id"]
 
 
-def wait_until_shown(page, expected: dict[str, list[str]], timeout: float = 60.0) -> None:
-    """Until each output node shows the image files /history lists for it."""
+def wait_until_shown(page, script: str, expected: dict, shows: Callable[[Any, Any], bool], what: str,
+                     timeout: float = 60.0) -> None:
+    """Until ``shows(shown, expected)`` for each node, ``script`` reading node id -> what the node shows
+    (the frontend updates the nodes from its websocket, after /history has the outputs)."""
     deadline = time.monotonic() + timeout
     while True:
-        shown = page.evaluate(SHOWN_JS, list(expected))
-        if all(set(names) <= set(shown[nid]) for nid, names in expected.items()):
+        shown = page.evaluate(script, list(expected))
+        if all(shows(shown[nid], want) for nid, want in expected.items()):
             return
-        assert time.monotonic() < deadline, f"images not shown in the nodes: expected {expected}, shown {shown}"
+        assert time.monotonic() < deadline, f"{what} not shown in the nodes: expected {expected}, shown {shown}"
         time.sleep(0.25)
+
+
+def reasoner_texts(widgets: dict, entry: dict) -> dict[str, str]:
+    """Lens Reasoner node id -> its rewrite in /history, as a text preview widget shows it (a list
+    of texts joined by blank lines)."""
+    return {nid: "\n\n".join(entry["outputs"][nid]["text"]) for nid, node in widgets.items()
+            if node["type"] == "LensReasoner"}
 
 
 def save_screenshot(page, name: str, version: str) -> Path:
@@ -273,7 +289,10 @@ def test_ui_workflow_runs_in_the_browser(server, page, reasoner_api, path):
         for file in server.images(entry) if sizes else []:
             with Image.open(file) as im:
                 assert im.size in sizes, f"{file.name} is {im.size}, the Lens Resolution nodes say {sizes}"
-        wait_until_shown(page, expected)
+        wait_until_shown(page, SHOWN_JS, expected, lambda shown, want: set(want) <= set(shown), "images")
+        texts = reasoner_texts(widgets, entry)
+        assert all(text == REFINED for text in texts.values()), f"the Lens Reasoner did not rewrite the prompt: {texts}"
+        wait_until_shown(page, PREVIEW_TEXT_JS, texts, operator.eq, "the Lens Reasoner's rewrite")
         errors, page.errors[:] = list(page.errors), []
         assert not errors, f"errors in the page: {errors}"
         if SCREENSHOT_DIR:

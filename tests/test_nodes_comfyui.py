@@ -143,6 +143,42 @@ def write_tiny_loras(folder: Path, mmdit_path: Path) -> dict[str, Path]:
             for name, sd in files.items()}
 
 
+def fit_lora(lora: Path, model: Path, folder: Path) -> Path:
+    """``lora`` (any naming) for the MMDiT file ``model``: the file itself when it fits, else a copy in
+    ``folder`` whose matrices are zero-padded to the model's layer sizes.
+
+    ComfyUI's mxfp8/nvfp4 files store matrices zero-padded to multiples of 32/16 without saying so,
+    and the tiny MMDiT's MLP width (341) is not one: such a file is a 352-wide model whose extra
+    units are zero, and the padded LoRA makes the same update on it. (Lens's sizes are all multiples
+    of 32: no real file is padded.)"""
+    import torch
+    import torch.nn.functional as F
+
+    from lens_core.loading import load_mmdit_config
+    from lens_core.lora import linear_weight_shapes, load_lora_file, parse_lora
+    from lens_core.mmdit import LensMMDiT
+    from lens_core.safetensors_io import save_file_atomic
+
+    with torch.device("meta"):
+        shapes = linear_weight_shapes(LensMMDiT(load_mmdit_config(model)))
+    tensors, metadata = load_lora_file(lora)
+    modules, unmatched = parse_lora(tensors, shapes, metadata)
+    assert not unmatched, unmatched
+    padded = {}
+    for (name, part), m in modules.items():
+        out, inp = shapes[name]
+        rows = out if part is None else out // 3
+        for key in m.source_keys:  # parse_lora keeps the file's tensor objects
+            if tensors[key] is m.down and m.down.shape[1] != inp:
+                padded[key] = F.pad(m.down, (0, inp - m.down.shape[1]))
+            elif tensors[key] is m.up and m.up.shape[0] != rows:
+                padded[key] = F.pad(m.up, (0, 0, 0, rows - m.up.shape[0]))
+    if not padded:
+        return lora
+    padded = tensors | padded
+    return save_file_atomic(padded, folder / f"{model.stem}-{lora.name}", metadata)
+
+
 def write_tiny_ggufs(models: Path, paths: dict[str, Path]) -> dict[str, Path]:
     """The tiny MMDiT and encoder as GGUF files (GGUF_FILES): the MMDiT through lens-quantize's
     converter (F32, Q8_0, Q4_K), the encoder as llama.cpp lays out gpt-oss (F32; Q8_0 weights with
@@ -726,26 +762,31 @@ def test_gguf_workflow_same_pixels_as_lens_core(server, tiny_models):
     assert_same_image(got, want)
 
 
-@pytest.mark.parametrize(("unet_name", "key"), [("lens_tiny-Q8_0.gguf", "lens_gguf_q8"),
-                                                ("lens_tiny-fp8_scaled.safetensors", "lens_fp8_scaled")])
+@pytest.mark.parametrize(("unet_name", "key"), [
+    ("lens_tiny-Q8_0.gguf", "lens_gguf_q8"),
+    *((COMFY_QUANT_FILES[q], f"lens_{q}") for q in ("fp8_scaled", "mxfp8", "nvfp4")),
+])
 def test_loras_on_a_packed_model(server, tiny_models, unet_name, key):
-    """Lens LoRA Loader and the stock LoraLoaderModelOnly on a packed MODEL (a Q8_0 GGUF, a scaled fp8
-    safetensors file): the packed layers apply ComfyUI's patches at each call, = lens_core with the
-    LoRA on the same file; the next run without a LoRA is the plain packed model again."""
+    """Lens LoRA Loader and the stock LoraLoaderModelOnly on a packed MODEL (a Q8_0 GGUF; scaled fp8,
+    comfy_quant mxfp8 and nvfp4 safetensors): the packed layers apply ComfyUI's patches at each call,
+    = lens_core with the LoRA on the same file (which differs from the image without it, so an
+    ignored LoRA fails); the next run without a LoRA is the plain packed model again. The LoRA is
+    the one of the other LoRA tests, zero-padded where the file pads the matrices (see fit_lora)."""
     packed = {"LensModelLoader": {"unet_name": unet_name}}
     text = node_of(_small_prompt(), "LensTextEncode")["inputs"]["prompt"]
     call = dict(prompt=text, negative_prompt="", **SMALL_CALL)
-    lora = tiny_models["loras"]["lens_lora_tiny.safetensors"]
-    want = reference(tiny_models, key, "text_encoder_folder", loras=[(lora, 0.8)], **call)[0]
+    lens_lora, stock_lora = (fit_lora(tiny_models["loras"][name], tiny_models[key], server.models / "loras")
+                             for name in ("lens_lora_tiny.safetensors", "lens_lora_comfy_ab.safetensors"))
+    want = reference(tiny_models, key, "text_encoder_folder", loras=[(lens_lora, 0.8)], **call)[0]
     plain = reference(tiny_models, key, "text_encoder_folder", **call)[0]
     assert np.abs(want - plain).max() > 20, "the test LoRA should change the image"
 
-    got = pixels(server.images(run_ok(server, _lora_prompt(LensLoraLoader={"strength": 0.8}, **packed)))[0])
-    assert_same_image(got, want)
+    lens = _lora_prompt(LensLoraLoader={"lora_name": lens_lora.name, "strength": 0.8}, **packed)
+    assert_same_image(pixels(server.images(run_ok(server, lens))[0]), want)
     stock = _lora_prompt(**packed)
     lora_id = next(k for k, n in stock.items() if n["class_type"] == "LensLoraLoader")
     stock[lora_id] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-        "model": stock[lora_id]["inputs"]["model"], "lora_name": "lens_lora_comfy_ab.safetensors", "strength_model": 0.8}}
+        "model": stock[lora_id]["inputs"]["model"], "lora_name": stock_lora.name, "strength_model": 0.8}}
     assert_same_image(pixels(server.images(run_ok(server, stock))[0]), want)
     assert_same_image(pixels(server.images(run_ok(server, _small_prompt(**packed)))[0]), plain)
 
