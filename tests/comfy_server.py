@@ -38,6 +38,10 @@ def comfyui_installs() -> list[Path]:
     return [p.resolve() for p in candidates if (p / "main.py").is_file() and (p / "comfy").is_dir()]
 
 
+# Multiplies the wall-clock limits below, for a machine busy with other work (e.g. a training run).
+TIMEOUT_SCALE = float(os.environ.get("LENS_TEST_TIMEOUT_SCALE", "1"))
+
+
 def comfyui_python(comfy_root: Path) -> str:
     env = os.environ.get("COMFYUI_PYTHON")
     if env:
@@ -52,7 +56,8 @@ def comfyui_python(comfy_root: Path) -> str:
 def missing_requirements(python: str) -> str | None:
     """None if ``python`` can import what ComfyUI and lens_core need, else the error."""
     probe = "import aiohttp, torch, safetensors, yaml, quicktok, tokenizers"
-    result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([python, "-c", probe], capture_output=True, text=True,
+                            timeout=120 * TIMEOUT_SCALE)
     return None if result.returncode == 0 else (result.stderr.strip().splitlines() or ["?"])[-1]
 
 
@@ -105,6 +110,7 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=self.comfy_root, stdout=log, stderr=subprocess.STDOUT, env=env)
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -168,6 +174,7 @@ class ComfyServer:
 
     def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
         """The /history entry of ``prompt_id`` once it has finished (successfully or not)."""
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             history = self.get(f"/history/{prompt_id}")
