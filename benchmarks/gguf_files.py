@@ -5,7 +5,7 @@ machine would take hours, but neither a file's size nor the loader's memory depe
 
 * :func:`mmdit_plan` gives every MMDiT tensor's ggml type under ``lens-quantize``'s default policy
   (:func:`quant.convert.choose_type`, bf16 source); :func:`write_random_mmdit` writes the
-  converter's header (:func:`quant.convert.write_header`) and valid random blocks
+  converter's header (:func:`quant.convert.mmdit_gguf_writer`) and valid random blocks
   (:mod:`quant.synthetic`): a file the loader cannot tell from a converted one;
 * :func:`gpt_oss_tensors` lists the tensors of a llama.cpp gpt-oss GGUF (MXFP4 experts, the
   other matrices in one type, 1-D tensors F32) the way :func:`quant.gpt_oss_gguf.write_gpt_oss_gguf`
@@ -28,7 +28,7 @@ import torch
 
 from lens_core.mmdit import LensMMDiT, MMDiTConfig
 from lens_core.text_encoder import GptOssConfig
-from quant.convert import choose_type, write_header
+from quant.convert import choose_type, mmdit_gguf_writer
 from quant.ggml_types import GGMLType, tensor_nbytes
 from quant.gpt_oss_gguf import LAYER_NAMES, gguf_tensor_names
 from quant.synthetic import random_blocks
@@ -76,7 +76,8 @@ def mmdit_file_size(qtype: str, config: MMDiTConfig | None = None) -> int:
     plan = mmdit_plan(qtype, config)
     with tempfile.TemporaryDirectory() as tmp:
         header = Path(tmp) / "header.gguf"
-        write_header(header, qtype, config, plan, NAME).close()
+        with mmdit_gguf_writer(header, qtype, config, plan, NAME):
+            pass
         return file_size(header.stat().st_size, plan)
 
 
@@ -95,20 +96,10 @@ def write_random_mmdit(
     (written under a temporary name, then renamed)."""
     config = config or MMDiTConfig()
     plan = mmdit_plan(qtype, config)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        writer = write_header(tmp, qtype, config, plan, NAME)
-        try:
-            for i, (_, shape, gtype) in enumerate(plan):
-                writer.write_tensor_data(_random_tensor(shape, gtype, seed + i))
-        finally:
-            writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with mmdit_gguf_writer(path, qtype, config, plan, NAME) as writer:
+        for i, (_, shape, gtype) in enumerate(plan):
+            writer.write_tensor_data(_random_tensor(shape, gtype, seed + i))
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,13 +25,14 @@ file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
     from lens_core.mmdit import MMDiTConfig
 
-__all__ = ["ConversionReport", "choose_type", "convert_mmdit", "main", "plan_mmdit", "write_header"]
+__all__ = ["ConversionReport", "choose_type", "convert_mmdit", "main", "mmdit_gguf_writer", "plan_mmdit"]
 
 LENS_ARCH = "lens"
 CONFIG_KEY = "lens.config"
@@ -208,41 +209,49 @@ def _encode(t: torch.Tensor, gtype: GGMLType) -> np.ndarray:
     return to_numpy_bytes(quantize(t, gtype), tuple(t.shape), gtype)
 
 
-def write_header(
+@contextlib.contextmanager
+def mmdit_gguf_writer(
     path: str | os.PathLike[str],
     qtype: str,
     config: MMDiTConfig,
     plan: Sequence[tuple[str, tuple[int, ...], GGMLType]],
     name: str,
-) -> gguf.GGUFWriter:
-    """Open a GGUF at ``path`` and write everything before the tensor data: the metadata and the
+) -> Iterator[gguf.GGUFWriter]:
+    """A GGUF for ``path`` with everything before the tensor data written: the metadata and the
     tensor table of ``plan`` (``(name, shape, type)`` in file order, as :func:`plan_mmdit` gives).
 
-    Returns the ``gguf.GGUFWriter``, positioned at the data: write each tensor in plan order, then
-    close it.  Shared with the benchmarks' random-weight files, which must be laid out exactly so.
+    Yields the ``gguf.GGUFWriter`` positioned at the data: write each tensor in plan order.  The
+    file is written under a temporary name and appears at ``path`` only when the block completes
+    (removed on error).  Shared with the benchmarks' random-weight files, which must be laid out
+    exactly so.
     """
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), LENS_ARCH)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), LENS_ARCH)
     try:
-        writer.add_name(name)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_string(CONFIG_KEY, _config_json(config))
-        writer.add_string("lens.quantization", qtype)
-        writer.add_string("lens.converter", "ComfyUI-Lens quant.convert")
-        for tname, shape, gtype in plan:
-            np_dtype = np.float16 if gtype == GGMLType.F16 else np.float32
-            raw = None if gtype in (GGMLType.F32, GGMLType.F16) else gguf.GGMLQuantizationType(int(gtype))
-            nbytes = tensor_nbytes(gtype, shape)
-            writer.add_tensor_info(tname, shape, np.dtype(np_dtype), nbytes, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.flush()
+        try:
+            writer.add_name(name)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_string(CONFIG_KEY, _config_json(config))
+            writer.add_string("lens.quantization", qtype)
+            writer.add_string("lens.converter", "ComfyUI-Lens quant.convert")
+            for tname, shape, gtype in plan:
+                np_dtype = np.float16 if gtype == GGMLType.F16 else np.float32
+                raw = None if gtype in (GGMLType.F32, GGMLType.F16) else gguf.GGMLQuantizationType(int(gtype))
+                nbytes = tensor_nbytes(gtype, shape)
+                writer.add_tensor_info(tname, shape, np.dtype(np_dtype), nbytes, raw_dtype=raw)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            yield writer
+        finally:
+            writer.close()
+        os.replace(tmp, path)
     except BaseException:
-        writer.close()
+        tmp.unlink(missing_ok=True)
         raise
-    return writer
 
 
 def convert_mmdit(
@@ -265,11 +274,9 @@ def convert_mmdit(
     dst = Path(dst)
     source, config, plan = plan_mmdit(src, qtype, policy)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    bytes_in = bytes_out = 0
     try:
-        writer = write_header(tmp, qtype, config, plan, name or Path(src).stem)
-        try:
-            bytes_in = bytes_out = 0
+        with mmdit_gguf_writer(dst, qtype, config, plan, name or Path(src).stem) as writer:
             for i, (tname, _, gtype) in enumerate(plan):
                 if progress is not None:
                     progress(i, len(plan), tname)
@@ -280,12 +287,6 @@ def convert_mmdit(
                 bytes_out += data.nbytes
                 writer.write_tensor_data(data)
                 del data
-        finally:
-            writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         source.close()
     types = dict(Counter(gtype.name for _, _, gtype in plan))
