@@ -47,20 +47,7 @@ from quant.gguf_models import load_mmdit_gguf  # noqa: E402
 from quant.layers import GGMLOps, QuantizedWeight  # noqa: E402
 from quant.quantize import quantize  # noqa: E402
 
-DEFAULT_TYPES = [
-    "BF16",
-    "Q8_0",
-    "Q6_K",
-    "Q5_K",
-    "Q5_1",
-    "Q5_0",
-    "Q4_K",
-    "Q4_1",
-    "Q4_0",
-    "Q3_K",
-    "Q2_K",
-    "mixed",
-]
+DEFAULT_TYPES = [t for t in CHOICES if t not in ("F32", "F16")]  # every type the converter writes but fp32/fp16
 MID = MMDiTConfig(
     num_layers=4,
     num_attention_heads=8,

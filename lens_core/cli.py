@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import LensError
+from .errors import run_command
 from .image_io import save_png
 from .lora import parse_lora_arg
 from .pipeline import LensPipeline
@@ -120,12 +120,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        generate(args)
-    except (LensError, ValueError) as e:
-        print(f"lens: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("lens", lambda: generate(args))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -27,3 +29,14 @@ class ResolutionError(LensError, ValueError):
 
 class TokenizerError(LensError, ValueError):
     """No usable o200k_harmony tokenizer could be found or loaded."""
+
+
+def run_command(prog: str, body: Callable[[], object]) -> int:
+    """A console command's exit status: 0 when ``body`` returns, 2 with ``prog: error: ...`` on
+    stderr (no traceback) when it raises a user-facing error (a LensError or ValueError)."""
+    try:
+        body()
+    except (LensError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

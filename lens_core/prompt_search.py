@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LensError
+from .errors import LensError, run_command
 from .reasoner import (
     DEFAULT_SYSTEM_PROMPT_FILE,
     ReasonerBackend,
@@ -520,12 +520,7 @@ def run_cli(
 def main(argv: list[str] | None = None) -> int:
     """``lens-prompt-search``: returns 0 on success, 2 on a user-facing error."""
     args = _parser().parse_args(argv)
-    try:
-        run_cli(args)
-    except (LensError, ValueError) as e:
-        print(f"lens-prompt-search: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("lens-prompt-search", lambda: run_cli(args))
 
 
 if __name__ == "__main__":

@@ -94,46 +94,24 @@ def test_cache_hit_miss_and_contents(tmp_path, tiny_pipeline):
     assert batch.latents.shape == (1, bucket.tokens, 128) and batch.mask.shape == (1, n)
 
     # second run: everything hits, neither model is loaded
-    _, again = build_cache(
-        FolderDataset(data),
-        BUCKETS,
-        cache,
-        settings,
-        loads.load_vae,
-        loads.load_encoder,
-        tok,
-        extra_prompts=prompts,
-    )
+    def rebuild(settings):
+        return build_cache(
+            FolderDataset(data), BUCKETS, cache, settings, loads.load_vae, loads.load_encoder, tok, extra_prompts=prompts
+        )[1]
+
+    again = rebuild(settings)
     assert (again.latent_misses, again.text_misses) == (0, 0) and (loads.vae, loads.encoder) == (1, 1)
     assert again.skipped.count == 1  # still reported from the manifest
 
     # one caption edited: one text miss, all latents hit, the VAE stays unloaded
     (data / "img003.txt").write_text("an edited caption")
-    _, edited = build_cache(
-        FolderDataset(data),
-        BUCKETS,
-        cache,
-        settings,
-        loads.load_vae,
-        loads.load_encoder,
-        tok,
-        extra_prompts=prompts,
-    )
+    edited = rebuild(settings)
     assert (edited.latent_hits, edited.latent_misses, edited.text_misses) == (6, 0, 1)
     assert (loads.vae, loads.encoder) == (1, 2)
 
     # another VAE (different file content) or another latent dtype: every latent misses
     other_vae = _settings(tiny_pipeline, cache, latent_dtype="bfloat16")
-    _, redone = build_cache(
-        FolderDataset(data),
-        BUCKETS,
-        cache,
-        other_vae,
-        loads.load_vae,
-        loads.load_encoder,
-        tok,
-        extra_prompts=prompts,
-    )
+    redone = rebuild(other_vae)
     assert (redone.latent_misses, redone.text_misses) == (6, 0) and loads.vae == 2
 
 

@@ -17,6 +17,7 @@ trainer's counter.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
@@ -99,8 +100,20 @@ class SkipCounter:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open(source: str | os.PathLike | bytes) -> Image.Image:
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def _open(source: str | os.PathLike | bytes, problem: str) -> Iterator[Image.Image]:
+    """Open an image (a path or encoded bytes); every Pillow failure, decompression-bomb warnings
+    included, becomes UnreadableImage ("``problem``: ...")."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+                yield im
+    except _IMAGE_ERRORS as e:
+        raise UnreadableImage(f"{problem}: {type(e).__name__}: {e}") from e
 
 
 def probe_image(source: str | os.PathLike | bytes) -> tuple[int, int]:
@@ -109,20 +122,9 @@ def probe_image(source: str | os.PathLike | bytes) -> tuple[int, int]:
     Raises UnreadableImage for anything Pillow cannot identify. A truncated body is only found
     by :func:`decode_image`.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _open(source) as im:
-                w, h = im.size
-                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as e:
-        raise UnreadableImage(f"unreadable image: {type(e).__name__}: {e}") from e
+    with _open(source, "unreadable image") as im:
+        w, h = im.size
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     if w < 1 or h < 1:
         raise UnreadableImage(f"unreadable image: empty size {w}x{h}")
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
@@ -134,25 +136,14 @@ def decode_image(source: str | os.PathLike | bytes) -> Image.Image:
     Raises UnreadableImage for truncated or corrupt data (Pillow's ``LOAD_TRUNCATED_IMAGES`` is
     left off on purpose: a half-grey training image is worse than a skipped one).
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _open(source) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                    rgba = im.convert("RGBA")
-                    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    return Image.alpha_composite(white, rgba).convert("RGB")
-                return im.convert("RGB")
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as e:
-        raise UnreadableImage(f"corrupt image: {type(e).__name__}: {e}") from e
+    with _open(source, "corrupt image") as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return im.convert("RGB")
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -94,6 +94,19 @@ def _identity(x):
     return x
 
 
+def _batches(dataset, workers: int, sampler=None) -> Iterator:
+    """Iterate ``dataset``'s ready-made batches (one bucket each) in ``workers`` worker processes."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        collate_fn=_identity,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+    return iter(loader)
+
+
 def _dtype(name: str, device: torch.device, auto_cuda: torch.dtype) -> torch.dtype:
     if name == "auto":
         return auto_cuda if device.type == "cuda" else torch.float32
@@ -253,16 +266,7 @@ class Trainer:
             self.sampler = BucketBatchSampler(
                 manifest.bucket_of(self.buckets), self.buckets, seed, b.drop_last
             )
-            batches = self.sampler.rank_batches(start_position, rank, world, accum)
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                sampler=batches,
-                batch_size=None,
-                collate_fn=_identity,
-                num_workers=workers,
-                persistent_workers=workers > 0,
-            )
-            return iter(loader)
+            return _batches(dataset, workers, self.sampler.rank_batches(start_position, rank, world, accum))
 
         # Online: images decoded and encoded every step; the frozen models stay loaded.
         self.vae = self._load_vae()
@@ -273,14 +277,7 @@ class Trainer:
             stream = TarBucketStream(
                 source, self.buckets, b.area_policy, seed, b.max_upscale, resume=stream_resume
             )
-            loader = torch.utils.data.DataLoader(
-                stream,
-                batch_size=None,
-                collate_fn=_identity,
-                num_workers=workers,
-                persistent_workers=workers > 0,
-            )
-            return iter(loader)
+            return _batches(stream, workers)
         self.sampler = BucketBatchSampler(
             source.bucket_of(self.buckets, b.area_policy, seed, b.max_upscale),
             self.buckets,
@@ -288,15 +285,7 @@ class Trainer:
             b.drop_last,
         )
         batches = self.sampler.rank_batches(start_position, rank, world, accum)
-        loader = torch.utils.data.DataLoader(
-            BucketBatchLoader(source, self.buckets, self.sampler),
-            sampler=batches,
-            batch_size=None,
-            collate_fn=_identity,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
-        return iter(loader)
+        return _batches(BucketBatchLoader(source, self.buckets, self.sampler), workers, batches)
 
     def prepare_data(self) -> Iterator:
         """Scan the data and fill the cache (when enabled) without training: ``lens-train --cache-only``."""
