@@ -10,6 +10,7 @@ import torch
 from comfy_api.latest import ComfyExtension, io, ui
 from typing_extensions import override
 
+from lens_core.pipeline import DEFAULT_MODEL_DIR, declared_resolution
 from lens_core.reasoner import MODES as REASONER_MODES
 from lens_core.reasoner import ON_ERROR as REASONER_ON_ERROR
 from lens_core.reasoner import ReasonerSettings
@@ -18,7 +19,7 @@ from lens_core.resolution import (
     BASE_RESOLUTIONS,
     LensResolutionWarning,
     aspect_label,
-    resolve_bucket,
+    scaled_bucket,
     snap_to_multiple,
     validate_size,
 )
@@ -39,6 +40,9 @@ CATEGORY = "Lens"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 ASPECT_CHOICES = [aspect_label(a) for a in ASPECT_RATIOS]
 MODES = ["bucket", "custom"]
+# Lens Resolution's base choices: the official bucket families, then the base Lens-Toy was trained at.
+TOY_BASE = declared_resolution(DEFAULT_MODEL_DIR / "transformer")
+BASE_CHOICES = {str(b): b for b in BASE_RESOLUTIONS} | {f"{TOY_BASE} (Lens-Toy)": TOY_BASE}
 
 
 class LensModelLoader(io.ComfyNode):
@@ -52,9 +56,12 @@ class LensModelLoader(io.ComfyNode):
                         "MODEL that KSampler, SamplerCustomAdvanced and Lens Sampler can use.",
             inputs=[
                 io.Combo.Input("unet_name", options=files.model_choices("diffusion_models", gguf=True),
-                               tooltip="Lens MMDiT in models/diffusion_models (or models/unet): safetensors, or GGUF "
-                                       "(made with lens-quantize; quantised weights stay quantised and are decoded "
-                                       "layer by layer, LoRAs apply on top)."),
+                               default=files.BUILTIN,
+                               tooltip=f"Lens MMDiT: {files.BUILTIN} is Lens-Toy, the small model that ships with "
+                                       "this extension (128x128 flat shapes, nothing to download); or a file in "
+                                       "models/diffusion_models (or models/unet): safetensors, or GGUF (made with "
+                                       "lens-quantize; quantised weights stay quantised and are decoded layer by "
+                                       "layer, LoRAs apply on top)."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Dtype to hold the weights in (GGUF: to decode them to). default: ComfyUI's "
                                        "choice for this device (bf16 on recent GPUs, fp32 on CPU). fp16 is never "
@@ -79,10 +86,13 @@ class LensTextEncoderLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("text_encoder_name",
                                options=files.model_choices("text_encoders", folders=True, gguf=True),
-                               tooltip="GPT-OSS encoder in models/text_encoders: a safetensors file, a Hugging Face "
+                               default=files.BUILTIN,
+                               tooltip=f"GPT-OSS encoder: {files.BUILTIN} is Lens-Toy's (use it with the Lens-Toy "
+                                       "model); or one in models/text_encoders: a safetensors file, a Hugging Face "
                                        "folder (listed with a trailing '/', e.g. gpt-oss-20b/; MXFP4 experts are kept "
                                        "MXFP4), or a llama.cpp GGUF (e.g. gpt-oss-20b-Q4_K_M.gguf; stays quantised, "
-                                       "tokenizer from the file). Only layers 0-23 are read."),
+                                       "tokenizer from the file). Reads only the layers the MMDiT uses: 5, 11, 17 and 23 for "
+                                       "Lens (so layers 0-23 are loaded), those of its own pipeline for Lens-Toy."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="Dtype of the non-MXFP4 weights. default: bf16 on GPUs that support it, else fp32."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
@@ -106,9 +116,10 @@ class LensVAELoader(io.ComfyNode):
             category=CATEGORY,
             description="Loads the FLUX.2 VAE with Lens' latent normalisation; works with VAE Decode / VAE Encode.",
             inputs=[
-                io.Combo.Input("vae_name", options=files.model_choices("vae", folders=True),
-                               tooltip="FLUX.2 VAE in models/vae (flux2-vae.safetensors, ae.safetensors, or a diffusers "
-                                       "vae/ folder); both naming schemes load."),
+                io.Combo.Input("vae_name", options=files.model_choices("vae", folders=True), default=files.BUILTIN,
+                               tooltip=f"FLUX.2-architecture VAE: {files.BUILTIN} is Lens-Toy's; or one in models/vae "
+                                       "(flux2-vae.safetensors, ae.safetensors, or a diffusers vae/ folder); both "
+                                       "naming schemes load."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="default: bf16 on GPUs that support it, else fp32."),
             ],
@@ -157,8 +168,10 @@ class LensResolution(io.ComfyNode):
                 io.Combo.Input("mode", options=MODES, default="bucket",
                                tooltip="bucket: a trained size from base resolution x aspect ratio. custom: width and "
                                        "height below, snapped to multiples of 16."),
-                io.Combo.Input("base_resolution", options=[str(b) for b in BASE_RESOLUTIONS], default="1024",
-                               tooltip="Bucket family (about 1024x1024 or 1440x1440 pixels)."),
+                io.Combo.Input("base_resolution", options=list(BASE_CHOICES), default="1024",
+                               tooltip=f"Bucket family (about 1024x1024 or 1440x1440 pixels); {TOY_BASE} for the "
+                                       f"built-in Lens-Toy, trained at {TOY_BASE}x{TOY_BASE} (its buckets are Lens' "
+                                       "1024 ones scaled down)."),
                 io.Combo.Input("aspect_ratio", options=ASPECT_CHOICES, default=aspect_label("1:1"),
                                tooltip="Width:height of the bucket."),
                 io.Int.Input("width", default=1024, min=16, max=8192, step=16,
@@ -179,7 +192,7 @@ class LensResolution(io.ComfyNode):
         if mode == "custom":
             width, height = snap_to_multiple(width), snap_to_multiple(height)
         else:
-            width, height = resolve_bucket(int(base_resolution), aspect_ratio)
+            width, height = scaled_bucket(BASE_CHOICES[base_resolution], aspect_ratio)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LensResolutionWarning)
             validate_size(width, height)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 
 import comfy.conds
 import comfy.latent_formats
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from lens_core.errors import CheckpointError
 from lens_core.loading import MMDIT_ANCHOR, is_packed_mmdit, load_mmdit, load_mmdit_config
 from lens_core.mmdit import LensMMDiT, MMDiTConfig
+from lens_core.safetensors_io import find_weight_files
 from lens_core.sampling import cfg_combine
 from lens_core.schedule import empirical_mu
 
@@ -189,6 +191,16 @@ def lens_cfg_function(args: dict) -> torch.Tensor:
     return cfg_combine(cond.movedim(1, -1), uncond.movedim(1, -1), float(args["cond_scale"])).movedim(-1, 1)
 
 
+def _read_state_dict(path: str) -> dict:
+    """A file's tensors through ComfyUI's loader, or those of every weight file of a diffusers
+    ``transformer/`` folder (the built-in Lens-Toy is one)."""
+    files = find_weight_files(Path(path)) if Path(path).is_dir() else [path]
+    sd = {}
+    for file in files:
+        sd.update(comfy.utils.load_torch_file(str(file), safe_load=True))
+    return sd
+
+
 def _strip_prefix(sd: dict, path) -> dict:
     hits = [k for k in sd if k == MMDIT_ANCHOR or k.endswith("." + MMDIT_ANCHOR)]
     if not hits:
@@ -260,7 +272,8 @@ def _load_packed_model(path: str, config: MMDiTConfig, weight_dtype: str):
 
 
 def load_lens_model(path: str, weight_dtype: str = "default"):
-    """A ComfyUI MODEL (ModelPatcher) for the Lens MMDiT file at ``path`` (safetensors or GGUF).
+    """A ComfyUI MODEL (ModelPatcher) for the Lens MMDiT file (safetensors or GGUF) or diffusers
+    ``transformer/`` folder at ``path``.
 
     Plain float files take ComfyUI's own loading (its casting, offloading and patching); packed ones
     go through lens_core (:func:`_load_packed_model`).
@@ -269,7 +282,7 @@ def load_lens_model(path: str, weight_dtype: str = "default"):
     config = load_mmdit_config(path)  # headers only; raises CheckpointError for other architectures
     if is_packed_mmdit(path):
         return _load_packed_model(path, config, weight_dtype)
-    sd = _strip_prefix(comfy.utils.load_torch_file(path, safe_load=True), path)
+    sd = _strip_prefix(_read_state_dict(path), path)
     _check_tensors(sd, config, path)
 
     load_device = mm.get_torch_device()

@@ -15,7 +15,7 @@ import comfy.model_management
 import comfy.ops
 import torch
 
-from lens_core.loading import default_dtype, is_gguf, load_text_encoder
+from lens_core.loading import default_dtype, is_gguf, load_mmdit_config, load_text_encoder
 from lens_core.pipeline import find_tokenizer
 from lens_core.prompt import split_features, tokenize_prompts
 from lens_core.text_encoder import DEFAULT_SELECTED_LAYERS
@@ -132,6 +132,16 @@ class LensClip:
         return self.encode_from_tokens_scheduled(self.tokenize(text))
 
 
+def encoder_layers(path: Path) -> tuple[int, ...]:
+    """The GPT-OSS layers to return: those the MMDiT of the same pipeline folder reads, when the
+    encoder is a pipeline's ``text_encoder/`` (Lens-Toy, 4 layers, reads 0-3), else Lens' 5, 11, 17, 23.
+    The Lens Text Encoder Loader does not see the MMDiT, so the folder is what pairs them."""
+    root = path.parent
+    if path.is_dir() and (root / "model_index.json").is_file() and (root / "transformer").is_dir():
+        return tuple(load_mmdit_config(root / "transformer").selected_layer_index)
+    return DEFAULT_SELECTED_LAYERS
+
+
 def load_lens_clip(path: str | Path, weight_dtype: str = "default", device_choice: str = "default") -> LensClip:
     """A LensClip for a GPT-OSS file or HF folder (bf16 or MXFP4 experts), or a llama.cpp GGUF."""
     mm = comfy.model_management
@@ -143,7 +153,8 @@ def load_lens_clip(path: str | Path, weight_dtype: str = "default", device_choic
     path = Path(path)
     tokenizer = find_tokenizer(path)
     operations = ComfyGGMLOps if is_gguf(path) else eager_ops()
-    encoder = load_text_encoder(path, DEFAULT_SELECTED_LAYERS, offload_device, dtype, operations=operations)
+    layers = encoder_layers(path)
+    encoder = load_text_encoder(path, layers, offload_device, dtype, operations=operations)
     patcher = LensModelPatcher(encoder, load_device=load_device, offload_device=offload_device)
-    log.info("Lens text encoder %s: %s, tokenizer %s", path, dtype, tokenizer.source)
-    return LensClip(patcher, tokenizer, DEFAULT_SELECTED_LAYERS, path)
+    log.info("Lens text encoder %s: %s, layers %s, tokenizer %s", path, dtype, list(layers), tokenizer.source)
+    return LensClip(patcher, tokenizer, layers, path)

@@ -37,7 +37,7 @@ import pytest
 from PIL import Image
 
 from . import test_nodes_comfyui as node_tests
-from .test_nodes_comfyui import REFINED, TINY
+from .test_nodes_comfyui import REFINED, TINY, resolution_size
 from .test_reasoner_api import KEY_ENV, ChatServer, ok_reply
 
 # The node tests' fixtures: tiny models, and one server per ComfyUI checkout (module scope: for this module).
@@ -131,28 +131,20 @@ def tiny_graph(graph: dict) -> dict:
     return graph
 
 
-def image_size(values: dict) -> tuple[int, int]:
-    """(width, height) of the images a Lens Resolution node with these widget values asks for."""
-    from lens_core.resolution import resolve_bucket
-
-    if values["mode"] == "bucket":
-        return resolve_bucket(int(values["base_resolution"]), values["aspect_ratio"])
-    return values["width"], values["height"]
-
-
 def quick_settings(widgets: dict, reasoner_url: str) -> dict:
-    """Widget values (node id -> name -> value) that make each node quick on tiny models: smaller
-    images of the same aspect ratio, fewer steps (unless screenshots are asked for), the Lens
-    Reasoner on the local chat server."""
+    """Widget values (node id -> name -> value) that make each node quick on tiny models: images no
+    larger than LONG_SIDE, of the same aspect ratio (smaller ones, such as Lens-Toy's, stay as they
+    are), fewer steps (unless screenshots are asked for), the Lens Reasoner on the local chat server."""
     settings = {}
     for nid, node in widgets.items():
         values, new = node["values"], {}
         if "steps" in values and not SCREENSHOT_DIR:
             new["steps"] = min(values["steps"], MAX_STEPS)
         if node["type"] == "LensResolution":
-            width, height = image_size(values)
+            width, height = resolution_size(values)
             scale = LONG_SIDE / max(width, height)
-            new.update(mode="custom", **{k: max(16, round(v * scale / 16) * 16) for k, v in (("width", width), ("height", height))})
+            if scale < 1:
+                new.update(mode="custom", **{k: max(16, round(v * scale / 16) * 16) for k, v in (("width", width), ("height", height))})
         if node["type"] == "LensReasoner":
             new.update(mode="api", api_base_url=reasoner_url, api_model="test-model", api_key_env=KEY_ENV)
         if new:
@@ -284,7 +276,7 @@ def test_ui_workflow_runs_in_the_browser(server, page, reasoner_api, path):
         assert outputs, f"{path.name} has no Save/Preview Image node"
         expected = {nid: [img["filename"] for img in entry["outputs"].get(nid, {}).get("images", [])] for nid in outputs}
         assert all(expected.values()), f"/history has no image for some output nodes: {expected}"
-        sizes = {image_size(node["values"] | settings.get(nid, {})) for nid, node in widgets.items()
+        sizes = {resolution_size(node["values"] | settings.get(nid, {})) for nid, node in widgets.items()
                  if node["type"] == "LensResolution"}
         for file in server.images(entry) if sizes else []:
             with Image.open(file) as im:
@@ -297,6 +289,20 @@ def test_ui_workflow_runs_in_the_browser(server, page, reasoner_api, path):
         assert not errors, f"errors in the page: {errors}"
         if SCREENSHOT_DIR:
             save_screenshot(page, path.stem, server.version)
+
+
+def test_lens_toy_workflow_shows_lens_toys_image(server, page):
+    """lens_toy_t2i as shipped (built-in models, its own size and steps): the image its Save Image node
+    shows is the one lens_core's LensPipeline makes with its default model, Lens-Toy."""
+    path = REPO / "workflows" / "ui" / "lens_toy_t2i.json"
+    with opened(page, read_graph(path), path.stem) as widgets:
+        entry = server.wait(queue(page, server), timeout=300)
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"], indent=1)[-3000:]
+        [file] = server.images(entry)
+        want = node_tests.lens_toy_reference(node_tests.workflow(path.stem))
+        node_tests.assert_pixel_for_pixel(node_tests.pixels(file), want)
+        [save] = [nid for nid, node in widgets.items() if node["type"] == "SaveImage"]
+        wait_until_shown(page, SHOWN_JS, {save: [file.name]}, lambda shown, want: set(want) <= set(shown), "images")
 
 
 def test_missing_node_types_and_models_are_reported(page):

@@ -190,3 +190,68 @@ def test_packed_mmdit_files_are_told_apart_from_plain_ones(tmp_path):
         assert is_packed_mmdit(path), qtype
         qkv = load_mmdit(path).transformer_blocks[0].attn.img_qkv
         assert qkv.is_quantized and qkv.weight is None, qtype
+
+
+class RecordingFolderPaths:
+    """In place of ComfyUI's ``folder_paths`` (absent here): fixed listings, and every lookup recorded
+    and answered "not found", so a test sees exactly which names reach ComfyUI's resolution."""
+
+    def __init__(self, listed: dict[str, list[str]]) -> None:
+        self.listed = listed
+        self.asked: list[tuple[str, str]] = []
+
+    def get_filename_list(self, folder: str) -> list[str]:
+        return list(self.listed.get(folder, []))
+
+    def get_full_path(self, folder: str, name: str) -> None:
+        self.asked.append((folder, name))
+
+    def get_full_path_or_raise(self, folder: str, name: str) -> str:
+        self.asked.append((folder, name))
+        raise FileNotFoundError(f"Model in folder '{folder}' with filename '{name}' not found.")
+
+
+@pytest.fixture
+def node_files(monkeypatch):
+    """nodes/files.py over a RecordingFolderPaths listing one user file per folder."""
+    fake = RecordingFolderPaths({"diffusion_models": ["lens_bf16.safetensors"], "lens_gguf_diffusion_models": [],
+                                 "text_encoders": ["gpt_oss.safetensors"], "lens_gguf_text_encoders": [],
+                                 "vae": ["flux2-vae.safetensors"], "loras": ["style.safetensors"]})
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    module = _load("nodes/files.py", "lens_nodes_files_under_test")
+    module.fake = fake
+    return module
+
+
+def test_loaders_list_the_built_in_lens_toy_first(node_files):
+    assert node_files.model_choices("diffusion_models", gguf=True) == [node_files.BUILTIN, "lens_bf16.safetensors"]
+    assert node_files.model_choices("text_encoders", folders=True, gguf=True) == [node_files.BUILTIN,
+                                                                                  "gpt_oss.safetensors"]
+    assert node_files.model_choices("vae", folders=True) == [node_files.BUILTIN, "flux2-vae.safetensors"]
+    assert node_files.model_choices("loras") == ["style.safetensors"]  # no built-in LoRA
+
+
+def test_built_in_name_resolves_to_lens_toys_components_only(node_files):
+    """The built-in name is a fixed path inside lens_core/default_model (ComfyUI is not asked); every
+    other name, also ones built from it, goes through folder_paths as before."""
+    from lens_core.loading import load_mmdit_config, load_vae
+    from lens_core.pipeline import DEFAULT_MODEL_DIR
+    from lens_core.text_encoder import GptOssConfig
+
+    builtin = node_files.BUILTIN
+    transformer = node_files.resolve("diffusion_models", builtin)
+    encoder = node_files.resolve("text_encoders", builtin)
+    vae = node_files.resolve("vae", builtin)
+    assert node_files.fake.asked == []
+    assert (transformer, encoder, vae) == tuple(DEFAULT_MODEL_DIR / c for c in ("transformer", "text_encoder", "vae"))
+    # They are Lens-Toy's: an MMDiT reading encoder layers 0-3 of a 4-layer GPT-OSS, and its VAE.
+    assert load_mmdit_config(transformer).selected_layer_index == (0, 1, 2, 3)
+    assert GptOssConfig.from_json(encoder / "config.json").num_hidden_layers == 4
+    assert load_vae(vae).bn.running_mean.shape == (128,)
+
+    for folder, name in (("loras", builtin), ("diffusion_models", f"{builtin}/"),
+                         ("diffusion_models", f"{builtin}/../transformer"), ("vae", f"../{builtin}")):
+        with pytest.raises(FileNotFoundError):
+            node_files.resolve(folder, name)
+    assert [name for _, name in node_files.fake.asked] == [builtin, f"{builtin}/config.json",
+                                                           f"{builtin}/../transformer", f"../{builtin}"]

@@ -72,6 +72,8 @@ PACKED_FORMAT = {"fp8_e4m3fn": "float8_e4m3fn", "fp8_scaled": "float8_e4m3fn", "
 NATIVE_ENCODER = "gpt_oss_tiny_native.safetensors"  # the tiny encoder in ComfyUI's own GPT-OSS layout
 NATIVE_CLIP_NODE = REPO / "tests" / "comfy_native_clip_node.py"  # test-only loader for it
 TOLERANCE = 2  # 8-bit levels
+BUILTIN = "lens-toy (built-in)"  # the loaders' entry for Lens-Toy, the model that ships in lens_core/default_model
+TOY_BASE = "128 (Lens-Toy)"  # Lens Resolution's base for it
 # The same LoRA in the namings met in the wild (see write_tiny_loras); file name -> what it tests.
 LORA_FILES = {
     "lens_lora_tiny.safetensors": "OneTrainer: transformer.<path>.lora_down/up + .alpha, split q/k/v",
@@ -265,19 +267,26 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture(
-    scope="module",
-    params=INSTALLS or [None],
-    ids=[f"comfyui-{comfyui_version(p)}" for p in INSTALLS] or ["no-comfyui"],
-)
-def server(request, tmp_path_factory):
-    root = request.param
+def usable_python(root: Path | None) -> str:
+    """The Python that runs the ComfyUI checkout ``root``, or a loud skip saying what is missing."""
     if root is None:
         _loud_skip("no ComfyUI checkout found (set COMFYUI_PATH, or put one at ~/ComfyUI)")
     python = comfyui_python(root)
     problem = missing_requirements(python)
     if problem:
         _loud_skip(f"{python} cannot run ComfyUI at {root} ({problem}); set COMFYUI_PYTHON")
+    return python
+
+
+# One server per ComfyUI checkout found.
+PER_INSTALL = {"scope": "module", "params": INSTALLS or [None],
+               "ids": [f"comfyui-{comfyui_version(p)}" for p in INSTALLS] or ["no-comfyui"]}
+
+
+@pytest.fixture(**PER_INSTALL)
+def server(request, tmp_path_factory):
+    root = request.param
+    python = usable_python(root)
     tiny_models = request.getfixturevalue("tiny_models")
     base = tmp_path_factory.mktemp(f"comfy-base-{comfyui_version(root)}")
     srv = ComfyServer(root, base, python)
@@ -301,6 +310,15 @@ def server(request, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(**PER_INSTALL)
+def bare_server(request, tmp_path_factory):
+    """A server with empty model folders, as a new user has before downloading anything."""
+    root = request.param
+    python = usable_python(root)
+    with ComfyServer(root, tmp_path_factory.mktemp(f"comfy-bare-{comfyui_version(root)}"), python) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +401,39 @@ def widget_names(info: dict, class_type: str) -> list[str]:
     return names
 
 
+def resolution_size(inputs: dict) -> tuple[int, int]:
+    """(width, height) that a Lens Resolution node with these inputs makes (base "1024" or "128 (Lens-Toy)")."""
+    from lens_core.resolution import scaled_bucket, snap_to_multiple
+
+    if inputs["mode"] == "custom":
+        return snap_to_multiple(inputs["width"]), snap_to_multiple(inputs["height"])
+    return scaled_bucket(int(inputs["base_resolution"].split(" ", 1)[0]), inputs["aspect_ratio"])
+
+
+def lens_toy_reference(prompt: dict) -> np.ndarray:
+    """What LensPipeline with its default model (Lens-Toy) makes for a one-sampler API workflow, as
+    Save Image stores it: the decoded image in [0, 1] times 255, truncated to 8 bits (the CLI rounds
+    instead), so the workflow's file must equal it exactly."""
+    from lens_core.pipeline import LensPipeline
+
+    sampler = node_of(prompt, "LensSampler")["inputs"]
+    encode = prompt[sampler["positive"][0]]["inputs"]
+    negative = prompt[sampler["negative"][0]]["inputs"]["prompt"] if "negative" in sampler else ""
+    width, height = resolution_size(prompt[sampler["latent"][0]]["inputs"])
+    pipe = LensPipeline(device="cpu")
+    out = pipe(encode["prompt"], negative_prompt=negative, preset=sampler["preset"], steps=sampler["steps"] or None,
+               cfg=sampler["cfg"] or None, width=width, height=height, seed=sampler["seed"])
+    unit = ((pipe.decode(out.latents, (height // 16, width // 16)).float() + 1.0) * 0.5)[0].movedim(0, -1).numpy()
+    return np.clip(255.0 * unit, 0, 255).astype(np.uint8).astype(np.int16)
+
+
+def assert_pixel_for_pixel(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    assert got.std() > 5, "blank image"
+    diff = np.abs(got - want)
+    assert diff.max() == 0, f"{np.count_nonzero(diff)} values differ, by up to {diff.max()}"
+
+
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB")).astype(np.int16)
@@ -423,12 +474,18 @@ def test_object_info_lists_the_lens_nodes(object_info):
         for name, entry in spec.items():
             assert len(entry) > 1 and entry[1].get("tooltip"), f"{node}.{name} has no tooltip"
     assert combo_options(object_info, "LensTextEncoderLoader", "text_encoder_name") == [
-        "gpt-oss-tiny/", "gpt_oss_tiny-F32.gguf", "gpt_oss_tiny-Q8_0.gguf", "gpt_oss_tiny.safetensors", NATIVE_ENCODER]
+        BUILTIN, "gpt-oss-tiny/", "gpt_oss_tiny-F32.gguf", "gpt_oss_tiny-Q8_0.gguf", "gpt_oss_tiny.safetensors",
+        NATIVE_ENCODER]
     assert combo_options(object_info, "LensModelLoader", "unet_name") == [
-        "lens_tiny-F32.gguf", "lens_tiny-Q4_K.gguf", "lens_tiny-Q8_0.gguf", *sorted(COMFY_QUANT_FILES.values()),
-        "lens_tiny.safetensors", "lens_turbo_tiny.safetensors"]
+        BUILTIN, "lens_tiny-F32.gguf", "lens_tiny-Q4_K.gguf", "lens_tiny-Q8_0.gguf",
+        *sorted(COMFY_QUANT_FILES.values()), "lens_tiny.safetensors", "lens_turbo_tiny.safetensors"]
     assert input_spec(object_info, "LensVAELoader")["vae_name"][1]["options"] == [
-        "flux2-vae-tiny-diffusers/", "flux2-vae-tiny.safetensors"]
+        BUILTIN, "flux2-vae-tiny-diffusers/", "flux2-vae-tiny.safetensors"]
+    for node, name in (("LensModelLoader", "unet_name"), ("LensTextEncoderLoader", "text_encoder_name"),
+                       ("LensVAELoader", "vae_name")):
+        assert input_spec(object_info, node)[name][1]["default"] == BUILTIN, node
+    base = input_spec(object_info, "LensResolution")["base_resolution"][1]
+    assert base["options"] == ["1024", "1440", TOY_BASE] and base["default"] == "1024"
     aspect = input_spec(object_info, "LensResolution")["aspect_ratio"][1]["options"]
     assert "16:9 (landscape)" in aspect and "9:16 (portrait)" in aspect and "1:1 (square)" in aspect
     assert len(aspect) == 9
@@ -833,8 +890,6 @@ def test_plain_float_mmdit_keeps_comfyuis_own_loading(server):
 
 def test_aspect_batch_workflow_same_pixels_as_lens_core(server, tiny_models):
     """lens_t2i_aspect_batch: one image per Lens Resolution bucket, each lens_core's image at that size."""
-    from lens_core.resolution import resolve_bucket
-
     prompt = with_tiny_models(workflow("lens_t2i_aspect_batch"), LensSampler={"steps": 2})
     entry = run_ok(server, prompt)
     text = node_of(prompt, "LensTextEncode")["inputs"]["prompt"]
@@ -845,7 +900,7 @@ def test_aspect_batch_workflow_same_pixels_as_lens_core(server, tiny_models):
         decode = prompt[node["inputs"]["images"][0]]
         sampler = prompt[decode["inputs"]["samples"][0]]["inputs"]
         resolution = prompt[sampler["latent"][0]]["inputs"]
-        width, height = resolve_bucket(int(resolution["base_resolution"]), resolution["aspect_ratio"])
+        width, height = resolution_size(resolution)
         [image] = [server.output / i["subfolder"] / i["filename"] for i in entry["outputs"][nid]["images"]]
         got = pixels(image)
         assert got.shape == (height, width, 3), resolution["aspect_ratio"]
@@ -854,6 +909,52 @@ def test_aspect_batch_workflow_same_pixels_as_lens_core(server, tiny_models):
         assert_same_image(got, want)
         sizes.add((width, height))
     assert len(sizes) == 3
+
+
+# -- the built-in Lens-Toy ---------------------------------------------------------------------------
+
+
+def test_lens_toy_workflow_runs_with_no_model_files(bare_server):
+    """lens_toy_t2i as shipped, on a ComfyUI with empty model folders: a 128x128 image, pixel for pixel
+    lens_core's LensPipeline's with its default model for the same prompt, seed, steps and cfg."""
+    info = bare_server.get("/object_info")
+    for node, name in (("LensModelLoader", "unet_name"), ("LensTextEncoderLoader", "text_encoder_name"),
+                       ("LensVAELoader", "vae_name")):
+        assert combo_options(info, node, name) == [BUILTIN], node
+    assert not any(p.is_file() for p in bare_server.models.rglob("*"))
+    prompt = workflow("lens_toy_t2i")
+    validate_against_object_info(prompt, info)
+    [image] = bare_server.images(run_ok(bare_server, prompt))
+    got = pixels(image)
+    assert got.shape == (128, 128, 3)
+    assert_pixel_for_pixel(got, lens_toy_reference(prompt))
+
+
+def test_lens_toy_aspect_ratio_buckets(bare_server):
+    """The toy base with 16:9: Lens' 1024 bucket scaled to 128 (176x96), lens_core's image at that size."""
+    prompt = copy.deepcopy(workflow("lens_toy_t2i"))
+    node_of(prompt, "LensResolution")["inputs"]["aspect_ratio"] = "16:9 (landscape)"
+    node_of(prompt, "LensSampler")["inputs"]["steps"] = 4
+    [image] = bare_server.images(run_ok(bare_server, prompt))
+    got = pixels(image)
+    assert got.shape == (96, 176, 3)
+    assert_pixel_for_pixel(got, lens_toy_reference(prompt))
+
+
+@pytest.mark.parametrize(("node", "name", "value"), [
+    ("LensModelLoader", "unet_name", "../../../lens_core/default_model/transformer/diffusion_pytorch_model.safetensors"),
+    ("LensModelLoader", "unet_name", f"{BUILTIN}/../transformer"),
+    ("LensTextEncoderLoader", "text_encoder_name", f"{BUILTIN}/"),
+    ("LensVAELoader", "vae_name", "/etc/passwd"),
+])
+def test_names_other_than_the_listed_ones_are_rejected(bare_server, node, name, value):
+    """Only listed names pass validation: the built-in entry is a fixed name, not a path to extend."""
+    prompt = workflow("lens_toy_t2i")
+    node_of(prompt, node)["inputs"][name] = value
+    status, body = bare_server.post("/prompt", {"prompt": prompt})
+    assert status == 400
+    errors = json.dumps(body.get("node_errors", {}))
+    assert name in errors and node in errors, errors
 
 
 # -- native Lens interop ----------------------------------------------------------------------------

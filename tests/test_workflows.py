@@ -23,6 +23,8 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # GGUF encoder as unsloth/gpt-oss-20b-GGUF names it); lens-Q4_K.gguf is what `lens-quantize` is told to write.
 PUBLIC_FILES = {"lens_bf16.safetensors", "lens_turbo_bf16.safetensors", "gpt-oss-20b/", "flux2-vae.safetensors",
                 "lens-Q4_K.gguf", "gpt-oss-20b-Q4_K_M.gguf"}
+BUILTIN = "lens-toy (built-in)"  # the loaders' entry for Lens-Toy, which ships in lens_core/default_model
+LOADER_INPUTS = ("unet_name", "text_encoder_name", "vae_name")
 
 
 def load(folder: Path, name: str) -> dict:
@@ -45,7 +47,7 @@ def ui_widgets(node: dict) -> dict:
 
 def test_the_expected_workflows_exist():
     assert {"lens_t2i", "lens_turbo_t2i", "lens_t2i_lora", "lens_t2i_reasoner", "lens_t2i_gguf",
-            "lens_t2i_aspect_batch"} <= set(NAMES)
+            "lens_t2i_aspect_batch", "lens_toy_t2i"} <= set(NAMES)
     assert sorted(p.stem for p in UI.glob("*.json")) == NAMES
 
 
@@ -95,9 +97,11 @@ def test_ui_and_api_describe_the_same_graph(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflows_use_the_public_file_names(name):
+    """Each workflow names public files, or only the built-in Lens-Toy (a model from one and a VAE from
+    the other would not fit together)."""
     api = load(API, name)
-    names = {v for n in api.values() for k, v in n["inputs"].items() if k in ("unet_name", "text_encoder_name", "vae_name")}
-    assert names and names <= PUBLIC_FILES, names
+    names = {v for n in api.values() for k, v in n["inputs"].items() if k in LOADER_INPUTS}
+    assert names and (names <= PUBLIC_FILES or names == {BUILTIN}), names
 
 
 def test_presets_in_the_sampler_workflows():
@@ -166,3 +170,23 @@ def test_aspect_batch_workflow_renders_one_prompt_at_several_ratios():
         prefixes.append(save["inputs"]["filename_prefix"])
     assert len(set(ratios)) == len(ratios) and len(set(prefixes)) == len(prefixes)
     assert {"16:9 (landscape)", "1:1 (square)", "9:16 (portrait)"} <= set(ratios)
+
+
+def test_lens_toy_workflow_needs_no_downloads():
+    """lens_toy_t2i: the three loaders on the built-in Lens-Toy, its 128 base at 1:1, the lens preset
+    with a fixed seed, and a ToyEval-style prompt (what Lens-Toy was trained on)."""
+    api, ui = load(API, "lens_toy_t2i"), load(UI, "lens_toy_t2i")
+    loaders = {n["class_type"]: n["inputs"] for n in api.values() if any(k in n["inputs"] for k in LOADER_INPUTS)}
+    assert {c: next(v for k, v in i.items() if k in LOADER_INPUTS) for c, i in loaders.items()} == {
+        "LensModelLoader": BUILTIN, "LensTextEncoderLoader": BUILTIN, "LensVAELoader": BUILTIN}
+    _, resolution = _of(api, "LensResolution")
+    assert (resolution["mode"], resolution["base_resolution"], resolution["aspect_ratio"]) == (
+        "bucket", "128 (Lens-Toy)", "1:1 (square)")
+    _, sampler = _of(api, "LensSampler")
+    assert (sampler["preset"], sampler["steps"], sampler["cfg"]) == ("lens", 20, 5.0)
+    [ui_sampler] = [n for n in ui["nodes"] if n["type"] == "LensSampler"]
+    assert ui_sampler["widgets_values"][-1] == "fixed"
+    assert api[sampler["positive"][0]]["inputs"]["prompt"].startswith("a photo of ")
+    assert sorted(n["class_type"] for n in api.values()) == sorted(
+        ["LensModelLoader", "LensTextEncoderLoader", "LensVAELoader", "LensTextEncode", "LensTextEncode",
+         "LensResolution", "LensSampler", "VAEDecode", "SaveImage"])
