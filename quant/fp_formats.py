@@ -1,9 +1,11 @@
 """Low-precision float weights as ComfyUI stores them in safetensors: fp8, MXFP8 and NVFP4.
 
 Each format is a :class:`~quant.layers.PackedWeight`, so :class:`~quant.layers.GGMLLinear` keeps it
-packed in memory (on any device) and decodes it to the activations' dtype at every call; no fp8/fp4
-matmul kernel is used yet, so fp8-capable GPUs decode too.  A weight is a matrix ``[out, in]`` or a
-bank of expert matrices ``[E, out, in]``.
+packed in memory (on any device) and decodes it to the activations' dtype at every call.  A weight
+is a matrix ``[out, in]`` or a bank of expert matrices ``[E, out, in]``.  Opt-in
+(:func:`quant.layers.set_fp8_matmul`), per-tensor-scaled ``float8_e4m3fn`` matrices skip the decode
+on GPUs with fp8 tensor cores: :func:`fp8_linear` rounds the input to fp8 and calls
+``torch._scaled_mm``.
 
 * **fp8** (:class:`Fp8Weight`): ``float8_e4m3fn`` or ``float8_e5m2`` values times one fp32 scale per
   matrix (1 for plain fp8 files; ComfyUI's ``weight_scale`` / legacy ``scale_weight``).
@@ -45,6 +47,8 @@ __all__ = [
     "NVFP4Weight",
     "dequantize_mxfp8",
     "dequantize_nvfp4",
+    "fp8_linear",
+    "fp8_matmul_supported",
     "quantize_fp8",
     "quantize_mxfp8",
     "quantize_nvfp4",
@@ -115,12 +119,66 @@ def _finish(w: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> to
     return w if dtype == torch.float32 else w.to(dtype)
 
 
+_CODE_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_GATHER_CHUNK = 1 << 18  # values per gather: the int32 indices (1 MiB) stay in cache
+
+
+def _uses_table(data: torch.Tensor) -> bool:
+    """Whether to decode ``data`` by table lookup rather than torch's cast.
+
+    Measured with torch 2.13 on a 2-core x86 CPU (``benchmarks/bench_fp8.py``): the CPU cast from
+    ``float8_e4m3fn`` is scalar code, several times slower than a 256-entry gather; the cast from
+    ``float8_e5m2`` (the high byte of an fp16) is vectorised and beats the gather, as do casts on
+    accelerators.
+    """
+    return data.device.type == "cpu" and data.dtype == torch.float8_e4m3fn
+
+
+def _code_table(fp8_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """fp32 ``[256]``: every fp8 byte converted by torch itself, so a gather from it is bit-identical
+    to the cast (NaN, inf and -0 included)."""
+    key = (fp8_dtype, device)
+    table = _CODE_TABLES.get(key)
+    if table is None:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_dtype)
+        table = _CODE_TABLES[key] = codes.to(torch.float32).to(device)
+    return table
+
+
+def _gather(table: torch.Tensor, codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (contiguous, ``codes``' shape) = ``table[codes]`` for 2-D fp8 ``codes`` (strided rows
+    allowed), in row chunks so the int32 indices index_select needs stay small."""
+    if codes.numel() == 0:
+        return out
+    rows = codes.reshape(-1, codes.shape[-1]).view(torch.uint8)
+    target = out.view(rows.shape)
+    step = max(1, _GATHER_CHUNK // max(1, rows.shape[1]))
+    for r in range(0, rows.shape[0], step):
+        index = rows[r : r + step].to(torch.int32).view(-1)
+        torch.index_select(table, 0, index, out=target[r : r + step].view(-1))
+    return out
+
+
+def _fp8_to_fp32(data: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w`` (fp32, ``data``'s shape) = the values of the fp8 ``data``, by the faster route."""
+    return _gather(_code_table(data.dtype, data.device), data, w) if _uses_table(data) else w.copy_(data)
+
+
 def dequantize_fp8(
     data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``data * scale`` (fp8 values, one fp32 scale), computed in fp32 and rounded once to ``dtype``."""
+    """``data * scale`` (fp8 values, one fp32 scale), computed in fp32 and rounded once to ``dtype``.
+
+    With a lookup table (:func:`_uses_table`) the 256 possible results are computed that way and
+    gathered straight into the output: one pass, same bits.
+    """
+    scale = scale.to(device=data.device, dtype=torch.float32).reshape(())
+    if _uses_table(data):
+        table = (_code_table(data.dtype, data.device) * scale).to(dtype)
+        target = out if out is not None else torch.empty(data.shape, dtype=dtype, device=data.device)
+        return _gather(table, data, target).view(data.shape)
     w = _fp32_target(data.shape, dtype, out, data.device)
-    w.copy_(data).mul_(scale.to(device=data.device, dtype=torch.float32).reshape(()))
+    w.copy_(data).mul_(scale)
     return _finish(w, dtype, out)
 
 
@@ -137,8 +195,7 @@ def dequantize_mxfp8(
     n_blocks = data.shape[1] // MXFP8_BLOCK
     exps = unswizzle_scales(scales, data.shape[0], n_blocks)[:rows, : -(-cols // MXFP8_BLOCK)]
     factor = exps.contiguous().view(torch.float8_e8m0fnu).float()  # 2 ** (s - 127); 255 is NaN
-    w = _fp32_target((rows, cols), dtype, out, data.device)
-    w.copy_(data[:rows, :cols])
+    w = _fp8_to_fp32(data[:rows, :cols], _fp32_target((rows, cols), dtype, out, data.device))
     if cols % MXFP8_BLOCK == 0:
         w.view(rows, -1, MXFP8_BLOCK).mul_(factor.unsqueeze(-1))
     else:
@@ -181,6 +238,52 @@ def dequantize_nvfp4(
     w = _fp32_target((rows, cols), dtype, out, data.device)
     w.copy_(values[:, :cols])
     return _finish(w, dtype, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 matmul
+# ---------------------------------------------------------------------------------------------
+
+_MATMUL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` runs on fp8 hardware there: CUDA GPUs of compute capability 8.9+
+    (Ada, Hopper, Blackwell).  torch's CPU ``_scaled_mm`` works but is a reference loop, about 3000x
+    slower than decoding plus a bf16 matmul on this project's CPU (``benchmarks/bench_fp8.py``)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(
+    x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``F.linear(x, data * scale, bias)`` on fp8 tensor cores, or None where that cannot run.
+
+    ``x`` is rounded to ``float8_e4m3fn`` with one scale ``max|x| / 448`` per call (per tensor, the
+    scaling every fp8 GPU supports), so the result carries that rounding (about 2**-4 relative per
+    input value) on top of the weight's.  None (the caller decodes) unless: ``data`` is a 2-D
+    ``float8_e4m3fn`` matrix (row-major) whose dims are multiples of 16 (cuBLASLt's requirement), ``x`` is
+    fp32/fp16/bf16 and non-empty on a device :func:`fp8_matmul_supported` accepts.
+    """
+    out_features, in_features = data.shape
+    if (
+        data.dtype != torch.float8_e4m3fn
+        or not data.is_contiguous()
+        or in_features % 16
+        or out_features % 16
+        or x.dtype not in _MATMUL_DTYPES
+        or x.numel() == 0
+        or not fp8_matmul_supported(x.device)
+    ):
+        return None
+    rows = x.reshape(-1, in_features)
+    x_scale = (rows.abs().amax().float() / F8_E4M3_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+    xq = (rows.float() / x_scale).clamp_(-F8_E4M3_MAX, F8_E4M3_MAX).to(torch.float8_e4m3fn)
+    w_scale = scale.to(device=x.device, dtype=torch.float32).reshape(())
+    y = torch._scaled_mm(xq, data.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+    if bias is not None:
+        y = y.add_(bias.to(x.dtype))
+    return y.view(*x.shape[:-1], out_features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +464,9 @@ class Fp8Weight(_MatrixWeight):
 
     def _decode(self, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
         return dequantize_fp8(self.data, self.scale, dtype, out)
+
+    def packed_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        return fp8_linear(x, self.data, self.scale, bias) if len(self.shape) == 2 else None
 
 
 class MXFP8Weight(_MatrixWeight):

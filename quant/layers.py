@@ -59,6 +59,7 @@ __all__ = [
     "quantized_bytes",
     "release_buffers",
     "set_buffer_reuse",
+    "set_fp8_matmul",
 ]
 
 FLOAT_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
@@ -114,6 +115,12 @@ class PackedWeight:
         """The dense weight in ``dtype`` (fp32 default) on ``device`` (default: where the data is);
         ``out``, a 1-D buffer of ``numel()`` values of that dtype, may receive it."""
         raise NotImplementedError
+
+    def packed_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``F.linear(x, weight, bias)`` by a kernel that reads the packed format itself (with its own
+        rounding), or None where there is none for this format, shape or device.  Only layers with
+        :attr:`GGMLLinear.fp8_matmul` set ask."""
+        return None
 
     def rows(self, index: torch.Tensor) -> PackedWeight:
         """The rows ``index`` (first axis) of a 2-D weight, still packed (see :attr:`row_access`)."""
@@ -489,9 +496,13 @@ class GGMLLinear(_GGMLWeightMixin, nn.Linear):
         lora_patches: :class:`LoraPatch` list (or ``(down, up, scale)`` tuples) added to the decoded
             weight in fp32 before the matmul.
         cache_values: weights with at most this many values are decoded once and kept.
+        fp8_matmul: let the packed weight run the matmul itself (:meth:`PackedWeight.packed_linear`:
+            fp8 weights on GPUs with fp8 tensor cores, the input rounded to fp8 at each call) instead
+            of decoding; off by default because it changes the numerics (see :func:`set_fp8_matmul`).
     """
 
     cache_values = 1 << 16
+    fp8_matmul = False
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None
@@ -577,8 +588,22 @@ class GGMLLinear(_GGMLWeightMixin, nn.Linear):
             and self.weight.dtype == x.dtype
         ):
             return F.linear(x, self.weight, self.bias)  # plain dense layer: exactly nn.Linear
+        y = self._packed_forward(x)
+        if y is not None:
+            return y
         w = self.weight_for(x.dtype, x.device, reuse=_may_reuse(x))
         return F.linear(x, w, self.bias_for(x.dtype, x.device))
+
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The packed weight's own matmul, when enabled and applicable: never with LoRA patches (they
+        are added to a decoded weight) nor while autograd records ``x`` (fp8 kernels have no backward)."""
+        if not self.fp8_matmul or self._packed is None or self.lora_patches:
+            return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        q = self.qweight
+        assert q is not None
+        return q.to(x.device, non_blocking=True).packed_linear(x, self.bias_for(x.dtype, x.device))
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + self._packed_repr()
@@ -694,6 +719,16 @@ def apply_lora_file(
 
     modules, unmatched = read_lora(lora, ggml_linear_shapes(model), metadata, strict)
     return apply_lora_patches(model, modules, strength), unmatched
+
+
+def set_fp8_matmul(model: nn.Module, enabled: bool) -> int:
+    """Switch fp8 matmul kernels on or off for every :class:`GGMLLinear` of ``model`` (see
+    :attr:`GGMLLinear.fp8_matmul`; like ComfyUI's ``--fast fp8_matrix_mult``).  Layers whose weight
+    has no such kernel here keep decoding.  Returns the number of layers set."""
+    layers = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    for m in layers:
+        m.fp8_matmul = bool(enabled)
+    return len(layers)
 
 
 def clear_lora_patches(model: nn.Module) -> int:

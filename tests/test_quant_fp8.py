@@ -18,8 +18,9 @@ from lens_core.errors import CheckpointError
 from lens_core.loading import load_mmdit
 from lens_core.mmdit import LensMMDiT
 from lens_core.safetensors_io import save_file_atomic
+from quant import fp_formats
 from quant.comfy_quant import pack_weight
-from quant.fp_formats import Fp8Weight, quantize_fp8
+from quant.fp_formats import Fp8Weight, MXFP8Weight, quantize_fp8, quantize_mxfp8
 from quant.layers import GGMLEmbedding, GGMLLinear
 
 from .fp_reference import decode_checkpoint, e4m3, e5m2
@@ -45,6 +46,64 @@ def test_every_fp8_code_decodes_like_its_bit_layout(name):
     scaled = torch.from_numpy(expected * float(scale)).float()  # exact product, rounded once to fp32
     assert torch.equal(w.dequantize()[0], scaled)
     assert torch.equal(w.dequantize(torch.bfloat16)[0], scaled.to(torch.bfloat16))
+
+
+def all_codes(dtype: torch.dtype, rows: int = 24) -> torch.Tensor:
+    """``[rows, 256]``: every fp8 byte (NaN, inf, -0 included) in every row, each row rotated so
+    the codes also meet every column; large enough for torch's vectorised kernels."""
+    codes = (torch.arange(256)[None, :] + 7 * torch.arange(rows)[:, None]) % 256
+    return codes.to(torch.uint8).view(dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    as_int = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(as_int), b.view(as_int))
+
+
+@pytest.fixture(params=["table", "cast"])
+def fp8_decoder(request, monkeypatch):
+    """Run a test with the lookup-table decoder forced on for every fp8 dtype, and with it off."""
+    monkeypatch.setattr(fp_formats, "_uses_table", lambda data: request.param == "table")
+    monkeypatch.setattr(fp_formats, "_GATHER_CHUNK", 1000)  # several chunks, one not a whole row
+    return request.param
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 0.0123456789, 3.0e38])
+def test_fp8_decode_is_bit_identical_to_torch_cast(fp8_decoder, fp8, out_dtype, scale):
+    codes = all_codes(fp8)
+    s = torch.tensor(scale)
+    want = (codes.to(torch.float32) * s).to(out_dtype)  # fp32 product, rounded once
+    w = Fp8Weight(codes, s)
+    assert same_bits(w.dequantize(out_dtype), want)
+    out = torch.full((codes.numel(),), 5.0, dtype=out_dtype)
+    assert same_bits(w.dequantize(out_dtype, out=out), want) and same_bits(out.view(want.shape), want)
+    bank = Fp8Weight(torch.stack([codes, codes.flip(0)]), torch.tensor([scale, 0.5]))
+    want_bank = torch.stack([want, (codes.flip(0).to(torch.float32) * 0.5).to(out_dtype)])
+    assert same_bits(bank.dequantize(out_dtype), want_bank)
+    assert same_bits(bank.dequantize(out_dtype, out=torch.empty(bank.numel(), dtype=out_dtype)), want_bank)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(24, 256), (20, 200)])
+def test_mxfp8_decode_is_bit_identical_to_torch_cast(fp8_decoder, out_dtype, shape):
+    torch.manual_seed(3)
+    x = torch.randn(*shape) * torch.logspace(-30, 30, shape[1], base=2.0)
+    data, scales = quantize_mxfp8(x)
+    codes = all_codes(torch.float8_e4m3fn, data.shape[0])[:, : data.shape[1]].contiguous()
+    w = MXFP8Weight(codes, scales, shape)
+    exps = fp_formats.unswizzle_scales(scales, data.shape[0], data.shape[1] // 32).float()
+    factor = torch.exp2(exps - 127).repeat_interleave(32, dim=1)  # exact powers of two
+    want = (codes.to(torch.float32) * factor)[: shape[0], : shape[1]].to(out_dtype)
+    assert same_bits(w.dequantize(out_dtype), want)
+    assert same_bits(w.dequantize(out_dtype, out=torch.empty(w.numel(), dtype=out_dtype)).view(shape), want)
+
+
+def test_table_decoding_is_chosen_for_e4m3_on_cpu_only():
+    assert fp_formats._uses_table(torch.zeros(2, dtype=torch.float8_e4m3fn))
+    assert not fp_formats._uses_table(torch.zeros(2, dtype=torch.float8_e5m2))
+    assert not fp_formats._uses_table(torch.zeros(2, dtype=torch.float8_e4m3fn, device="meta"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
