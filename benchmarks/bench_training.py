@@ -8,6 +8,10 @@ online, no-checkpointing baseline measured in the same run::
 
     python benchmarks/bench_training.py [--steps 20] [--rounds 3] [--mode lora|full] [--threads 1]
 
+``--toy-precision --threads 2``: median step time of full training steps of the Lens-Toy MMDiT at
+128^2 (batch 32, 30-token captions) in fp32, bf16 autocast and bf16 autocast + ``torch.compile``,
+as ratios to fp32. bf16 pays on CPUs with bf16 matrix units (Intel AMX, AVX512-BF16).
+
 ``--full-size --device cuda``: peak GPU memory and median step time of LoRA training steps
 (rank 16, bf16 base + autocast, AdamW) on the full-size random-weight MMDiT (48 blocks, 4.1 B
 parameters) at 1024x1024 (4096 image tokens) with a 256-token caption, with and without gradient
@@ -78,6 +82,66 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def timed_steps(model, params, opt, x0, feats, mask, grid_hw, steps, autocast, sync, warmup: int = 2) -> list[float]:
+    """Seconds of each of ``steps`` training steps (noise, forward, flow-matching loss, backward, clip,
+    AdamW) after ``warmup`` untimed ones (optimizer state, kernel warm-up, compilation)."""
+    from training.objective import TimestepConfig, batch_generator, flow_matching_loss, noise_batch
+
+    times = []
+    for i in range(steps + warmup):
+        sync()
+        t0 = time.perf_counter()
+        noised = noise_batch(x0, TimestepConfig(), batch_generator(0, i))
+        with autocast:
+            pred = model(noised.x_t, noised.sigmas, feats, mask, grid_hw)
+        loss = flow_matching_loss(pred, noised.target)
+        loss.backward()
+        del pred, loss
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_toy_precision(steps: int, batch: int, text_len: int) -> None:
+    """Full training steps of the Lens-Toy MMDiT at 128^2 on the CPU: fp32 (the baseline), bf16 autocast,
+    and bf16 autocast + ``torch.compile`` (the recipe's setting), in the same run."""
+    from lens_core.mmdit import LensMMDiT
+    from training.lens_toy import AREA, fast_cpu_bf16, toy_configs
+
+    cfg = toy_configs()[0]
+    h = w = AREA // 16
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, h * w, cfg.in_channels, generator=gen)
+    feats = [torch.randn(batch, text_len, cfg.enc_hidden_dim, generator=gen) for _ in range(cfg.num_text_layers)]
+    mask = torch.ones(batch, text_len, dtype=torch.bool)
+    mask[: batch // 2, text_len // 2 :] = False  # padded captions, as in real batches
+    print(
+        f"Lens-Toy MMDiT ({sum(p.numel() for p in LensMMDiT(cfg).parameters()) / 1e6:.1f} M parameters), CPU, "
+        f"{torch.get_num_threads()} threads, batch {batch} x {AREA}^2 ({h * w} tokens), caption {text_len} tokens, "
+        f"bf16 matrix units: {'yes' if fast_cpu_bf16() else 'no'}"
+    )
+    print(f"{'setting':<24}{'step ms (median)':>17}{'vs fp32':>9}")
+    base = None
+    for name, bf16, compiled in (("fp32", False, False), ("bf16 autocast", True, False),
+                                 ("bf16 + torch.compile", True, True)):
+        torch.manual_seed(0)
+        model = LensMMDiT(cfg).train()
+        if compiled:
+            model.compile()
+        params = list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        ms = 1000 * statistics.median(
+            timed_steps(model, params, opt, x0, feats, mask, (h, w), steps, autocast, lambda: None, warmup=3)
+        )
+        base = base or ms
+        print(f"{name:<24}{ms:>17.0f}{base / ms:>8.2f}x")
+
+
 def bench_full_size(
     device: str, steps: int, batch: int, text_len: int, rank: int, layers: int, size: int
 ) -> None:
@@ -88,7 +152,6 @@ def bench_full_size(
     """
     from lens_core.mmdit import LensMMDiT, MMDiTConfig
     from training.lora import add_lora
-    from training.objective import TimestepConfig, batch_generator, flow_matching_loss, noise_batch
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -140,23 +203,8 @@ def bench_full_size(
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        times = []
         try:
-            for i in range(steps + 2):
-                sync()
-                t0 = time.perf_counter()
-                noised = noise_batch(x0, TimestepConfig(), batch_generator(0, i))
-                with autocast:
-                    pred = model(noised.x_t, noised.sigmas, feats, mask, (h, w))
-                loss = flow_matching_loss(pred, noised.target)
-                loss.backward()
-                del pred, loss
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync()
-                if i >= 2:  # the first steps allocate optimizer state and warm up kernels
-                    times.append(time.perf_counter() - t0)
+            times = timed_steps(model, params, opt, x0, feats, mask, (h, w), steps, autocast, sync)
         except torch.OutOfMemoryError:
             print(f"{name:<24}{'out of memory':>26}")
             continue
@@ -178,17 +226,21 @@ def main() -> None:
         "from more, and multi-threaded ops slow down ~10x when other processes compete for the cores",
     )
     p.add_argument("--full-size", action="store_true", help="full-size MMDiT LoRA step on a GPU")
+    p.add_argument("--toy-precision", action="store_true",
+                   help="Lens-Toy MMDiT steps on the CPU: fp32 vs bf16 vs bf16 + torch.compile (use --threads 2)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--text-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="default 1 (--full-size), 32 (--toy-precision)")
+    p.add_argument("--text-len", type=int, default=None, help="default 256 (--full-size), 30 (--toy-precision)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--layers", type=int, default=48, help="MMDiT blocks (--full-size; 48 = the release)")
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (--full-size)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.full_size:
-        bench_full_size(args.device, args.steps, args.batch, args.text_len, args.rank, args.layers, args.size)
+    if args.toy_precision:
+        bench_toy_precision(args.steps, args.batch or 32, args.text_len or 30)
+    elif args.full_size:
+        bench_full_size(args.device, args.steps, args.batch or 1, args.text_len or 256, args.rank, args.layers, args.size)
     else:
         bench_tiny(args.steps, args.mode, args.warmup, args.rounds)
 

@@ -257,3 +257,39 @@ def test_finished_run_extended_with_a_cooldown(setup, tmp_path):
     schedule = WarmupConstantDecay(2, 7, 4)
     assert [lrs[s] for s in range(1, 8)] == pytest.approx([1e-3 * schedule(s - 1) for s in range(1, 8)])
     assert lrs[7] < lrs[5] < lrs[3] == pytest.approx(1e-3)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator: a test that changes the
+    precision starts and ends with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield lambda: AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.slow
+def test_compiled_bf16_cpu_run_follows_the_eager_one(setup, tmp_path, fresh_accelerate_state):
+    """``compile`` with bf16 autocast on the CPU (the Lens-Toy setting): the same losses and weights as the
+    eager bf16 run up to bf16 rounding, with the same parameter names in the saved file, and bf16 really
+    in use (its losses differ from the fp32 run's)."""
+    pipe, data, cache, _ = setup
+    runs = {}
+    for name, precision, compiled in (("fp32", "no", False), ("eager", "bf16", False), ("compiled", "bf16", True)):
+        fresh_accelerate_state()
+        train = {"mode": "full", "max_steps": 3, "mixed_precision": precision, "compile": compiled}
+        # One bucket: every batch has the same shapes, so the model compiles once.
+        one_bucket = {"areas": [32], "batch_sizes": [2], "aspect_ratios": ["1:1"]}
+        trainer = Trainer(tiny_config(pipe, data, tmp_path / name, cache={"dir": str(cache)}, buckets=one_bucket,
+                                      train=train))
+        result = trainer.train()
+        assert (getattr(trainer.unwrapped, "_compiled_call_impl", None) is not None) == compiled
+        runs[name] = read_losses(tmp_path / name / "loss_log.csv"), load_file(result.output)
+    (fp32, _), (eager, eager_w), (compiled, compiled_w) = runs["fp32"], runs["eager"], runs["compiled"]
+    assert compiled_w.keys() == eager_w.keys()
+    assert list(compiled.values()) == pytest.approx(list(eager.values()), rel=2e-2)
+    assert list(eager.values()) != pytest.approx(list(fp32.values()), rel=1e-6)
+    for k, w in eager_w.items():
+        assert torch.allclose(compiled_w[k].float(), w.float(), rtol=5e-2, atol=5e-3), k

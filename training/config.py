@@ -159,6 +159,9 @@ class TrainSection:
     """Optimisation and bookkeeping.
 
     ``mixed_precision``: ``auto`` = bf16 autocast on CUDA, fp32 on the CPU; or ``bf16``/``no``.
+    ``bf16`` pays on CPUs with bf16 matrix units too (Intel AMX / AVX512-BF16: matmuls about 10x
+    fp32 there, see ``benchmarks/bench_training.py``).
+    ``compile``: run the MMDiT through ``torch.compile`` (fused kernels; the first steps compile).
     ``base_dtype`` (LoRA only): dtype of the frozen weights; ``auto`` = bf16 on CUDA, fp32 on CPU.
     ``grad_accum`` micro-batches per optimizer step per process. ``ema_decay`` 0 = no EMA.
     ``checkpoint_every`` 0 = only at the end; ``keep_checkpoints`` newest complete ones kept.
@@ -181,6 +184,7 @@ class TrainSection:
     grad_accum: int = 1
     mixed_precision: str = "auto"
     base_dtype: str = "auto"
+    compile: bool = False
     gradient_checkpointing: bool = True
     ema_decay: float = 0.0
     caption_dropout: float = 0.0

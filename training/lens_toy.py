@@ -65,7 +65,8 @@ def toy_configs() -> tuple[MMDiTConfig, GptOssConfig, VAEConfig]:
 
 
 def write_dataset(folder: Path, n: int, seed: int, dense_fraction: float = 0.5) -> Path:
-    """``n`` scenes rendered at the bucket sizes, each with a dense caption or a short prompt (``.txt``)."""
+    """``n`` scenes rendered at the bucket sizes, each with a dense caption (``dense_fraction`` of
+    them) or a short prompt (``.txt``)."""
     folder.mkdir(parents=True, exist_ok=True)
     sizes = [(b.width, b.height) for b in make_buckets([AREA], ASPECT_RATIOS, [1])]
     rng = np.random.default_rng(seed)
@@ -98,7 +99,16 @@ def init_pipeline(root: Path, vae_dir: Path, seed: int) -> Path:
     return root
 
 
-def train_config(pipeline: Path, data: Path, out: Path, steps: int, batch: int, lr: float, decay: int) -> dict:
+def fast_cpu_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX or AVX512-BF16): there bf16 autocast runs the
+    MMDiT's matmuls about 10x faster than fp32; elsewhere bf16 would only add rounding."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def train_config(pipeline: Path, data: Path, out: Path, steps: int, batch: int, lr: float, decay: int,
+                 fast: bool = True) -> dict:
+    """The MMDiT run. ``fast``: bf16 autocast (where :func:`fast_cpu_bf16`) and ``torch.compile``."""
     return {
         "model": {"path": str(pipeline)},
         "data": {"kind": "folder", "path": str(data), "num_workers": 0},
@@ -109,7 +119,8 @@ def train_config(pipeline: Path, data: Path, out: Path, steps: int, batch: int, 
                    "seeds": [0], "steps": 20, "cfg": 4.0, "width": AREA, "height": AREA},
         "train": {"output_dir": str(out), "mode": "full", "max_steps": steps, "learning_rate": lr,
                   "warmup_steps": min(200, steps // 10), "decay_steps": decay, "weight_decay": 0.0, "gradient_checkpointing": False,
-                  "ema_decay": 0.998, "caption_dropout": 0.1, "checkpoint_every": 500, "device": "cpu", "seed": 0},
+                  "ema_decay": 0.998, "caption_dropout": 0.1, "checkpoint_every": 500, "device": "cpu", "seed": 0,
+                  "mixed_precision": "bf16" if fast and fast_cpu_bf16() else "no", "compile": fast},
     }
 
 
@@ -178,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=12000)
     p.add_argument("--steps", type=int, default=23000)
     p.add_argument("--decay", type=int, default=8000, help="LR cool-down over the last this-many steps")
+    p.add_argument("--eager", action="store_true", help="train in fp32 without torch.compile")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--eval-prompts", type=int, default=96)
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "train":
             decay = min(args.decay, args.steps)
             cfg = config_from_dict(train_config(out / "init", out / "data", out / "run", args.steps, args.batch,
-                                                args.lr, decay))
+                                                args.lr, decay, fast=not args.eager))
             Trainer(cfg).train(resume="auto")
             run = out / "run"
             weights = run / "transformer_ema.safetensors"

@@ -325,6 +325,8 @@ class Trainer:
             freeze_dead_parameters(model)
         model.gradient_checkpointing = t.gradient_checkpointing
         model.train()
+        if t.compile:
+            model.compile()  # in place: parameter names (checkpoints, EMA, LoRA files) stay as they are
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decay = [p for n, p in self.trainable if p.ndim >= 2]
         no_decay = [p for n, p in self.trainable if p.ndim < 2]
