@@ -265,23 +265,23 @@ def fresh_accelerate_state():
     precision starts and ends with none."""
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield lambda: AcceleratorState._reset_state(reset_partial_state=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    yield reset
+    reset()
 
 
-@pytest.mark.slow
 def test_compiled_bf16_cpu_run_follows_the_eager_one(setup, tmp_path, fresh_accelerate_state):
     """``compile`` with bf16 autocast on the CPU (the Lens-Toy setting): the same losses and weights as the
     eager bf16 run up to bf16 rounding, with the same parameter names in the saved file, and bf16 really
     in use (its losses differ from the fp32 run's)."""
     pipe, data, cache, _ = setup
+    one_bucket = {"areas": [32], "batch_sizes": [2], "aspect_ratios": ["1:1"]}  # same shapes: compiles once
     runs = {}
     for name, precision, compiled in (("fp32", "no", False), ("eager", "bf16", False), ("compiled", "bf16", True)):
         fresh_accelerate_state()
         train = {"mode": "full", "max_steps": 3, "mixed_precision": precision, "compile": compiled}
-        # One bucket: every batch has the same shapes, so the model compiles once.
-        one_bucket = {"areas": [32], "batch_sizes": [2], "aspect_ratios": ["1:1"]}
         trainer = Trainer(tiny_config(pipe, data, tmp_path / name, cache={"dir": str(cache)}, buckets=one_bucket,
                                       train=train))
         result = trainer.train()

@@ -65,8 +65,7 @@ def toy_configs() -> tuple[MMDiTConfig, GptOssConfig, VAEConfig]:
 
 
 def write_dataset(folder: Path, n: int, seed: int, dense_fraction: float = 0.5) -> Path:
-    """``n`` scenes rendered at the bucket sizes, each with a dense caption (``dense_fraction`` of
-    them) or a short prompt (``.txt``)."""
+    """``n`` scenes rendered at the bucket sizes, each with a dense caption or a short prompt (``.txt``)."""
     folder.mkdir(parents=True, exist_ok=True)
     sizes = [(b.width, b.height) for b in make_buckets([AREA], ASPECT_RATIOS, [1])]
     rng = np.random.default_rng(seed)
