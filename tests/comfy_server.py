@@ -2,9 +2,9 @@
 
 Where ComfyUI lives: ``$COMFYUI_PATH`` (one folder, or several separated by ``os.pathsep`` to test
 several versions), else ``~/ComfyUI`` and ``~/ComfyUI-*`` that hold a ``main.py``. The Python
-that runs it: ``$COMFYUI_PYTHON``, else ``~/comfy-venv/bin/python``, ``<ComfyUI>/venv`` or
-``<ComfyUI>/.venv``, else this interpreter; it needs ComfyUI's requirements and lens_core's
-dependencies. Nothing is installed or built here.
+that runs it: ``$COMFYUI_PYTHON``, else the checkout's own ``<ComfyUI>/venv`` or ``<ComfyUI>/.venv``
+(so each version gets the frontend it pins), else ``~/comfy-venv/bin/python``, else this
+interpreter; it needs ComfyUI's requirements and lens_core's dependencies. Nothing is installed or built here.
 
 The server runs with ``--cpu`` on a free local port and a temporary ``--base-directory`` whose
 ``custom_nodes/ComfyUI-Lens`` is a symlink to this repository and whose ``models/`` the tests fill.
@@ -46,7 +46,7 @@ def comfyui_python(comfy_root: Path) -> str:
     env = os.environ.get("COMFYUI_PYTHON")
     if env:
         return env
-    for candidate in (Path.home() / "comfy-venv", comfy_root / "venv", comfy_root / ".venv"):
+    for candidate in (comfy_root / "venv", comfy_root / ".venv", Path.home() / "comfy-venv"):
         python = candidate / "bin" / "python"
         if python.is_file():
             return str(python)
