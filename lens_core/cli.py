@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     g.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     g.add_argument("--no-offload", action="store_true", help="keep all components on the accelerator")
+    g.add_argument("--fp8-matmul", action="store_true",
+                   help="fp8 / scaled-fp8 MMDiT files: multiply in fp8 instead of decoding the weights (CUDA "
+                        "sm>=8.9; faster, activations rounded to fp8; elsewhere no effect)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA (.safetensors, any common naming) into the MMDiT at SCALE (default 1); "
                         "repeat for several")
@@ -94,6 +97,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         dtype=DTYPES[args.dtype] if args.dtype else None,
         offload=not args.no_offload,
         loras=[parse_lora_arg(spec) for spec in args.lora],
+        fp8_matmul=args.fp8_matmul,
     )
     bar = tqdm(unit="step", desc="sampling", leave=False, file=sys.stderr)
 

@@ -120,6 +120,9 @@ class LensPipeline:
             shapes here, before anything heavy loads, and merged every time the MMDiT is loaded
             (so a reload after offloading has them too). Needs plain float weights (not quantised
             ``operations``). The file names and scales go into each image's settings.
+        fp8_matmul: run the MMDiT's per-tensor-scaled fp8 matrices (fp8 / scaled-fp8 files) with fp8
+            matmul kernels instead of decoding them (:func:`quant.layers.set_fp8_matmul`; CUDA with
+            sm >= 8.9, elsewhere they keep decoding). Faster, but activations are rounded to fp8.
     """
 
     def __init__(
@@ -133,11 +136,13 @@ class LensPipeline:
         offload: bool = True,
         operations=DEFAULT_OPS,
         loras: Sequence[LoraSpec] = (),
+        fp8_matmul: bool = False,
     ) -> None:
         self.device = pick_device(device)
         self.dtype = dtype or default_dtype(self.device)
         self.offload = offload
         self.operations = operations
+        self.fp8_matmul = fp8_matmul
         given = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
         self.paths = {c: component_path(p if p is not None else DEFAULT_MODEL_DIR, c) for c, p in given.items()}
         self.mmdit_config = load_mmdit_config(self.paths["transformer"])  # headers only
@@ -170,6 +175,10 @@ class LensPipeline:
             mmdit = load_mmdit(self.paths[name], where, self.dtype, self.operations)
             for modules, (_, scale) in zip(self._lora_modules, self.loras, strict=True):
                 merge_lora_(mmdit, modules, scale)
+            if self.fp8_matmul:
+                from quant.layers import set_fp8_matmul
+
+                set_fp8_matmul(mmdit, True)
             return mmdit
         if name == "text_encoder":
             return load_text_encoder(
@@ -331,6 +340,7 @@ class LensPipeline:
                 "batch_index": i,
                 **_reasoner_settings(refined[i // n], reasoner),
                 **self._lora_settings(),
+                **({"fp8_matmul": True} if self.fp8_matmul else {}),
                 "sampler": "euler (flow matching, empirical-mu schedule)",
                 "models": {c: str(p) for c, p in self.paths.items()},
                 "lens_core": __version__,

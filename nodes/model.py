@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import comfy.cli_args
 import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
@@ -30,6 +31,7 @@ from lens_core.mmdit import LensMMDiT, MMDiTConfig
 from lens_core.safetensors_io import find_weight_files
 from lens_core.sampling import cfg_combine
 from lens_core.schedule import empirical_mu
+from quant.layers import set_fp8_matmul
 
 from .gguf import ComfyGGMLOps, LensModelPatcher
 from .lens_bridge import (
@@ -253,6 +255,12 @@ def _packed_formats(model: torch.nn.Module) -> str:
     return ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items())) or "none"
 
 
+def fp8_matmul_requested() -> bool:
+    """Whether ComfyUI was started with ``--fast fp8_matrix_mult`` (or plain ``--fast``): its switch
+    for fp8 matmuls, which packed fp8 MMDiTs then follow (:func:`quant.layers.set_fp8_matmul`)."""
+    return comfy.cli_args.PerformanceFeature.Fp8MatrixMultiplication in comfy.cli_args.args.fast
+
+
 def _load_packed_model(path: str, config: MMDiTConfig, weight_dtype: str):
     """The MODEL for a file whose weights lens_core keeps packed (GGUF, fp8, ComfyUI quantised):
     they stay packed (decoded to ``weight_dtype`` at each call), ComfyUI's weight patches are
@@ -263,11 +271,14 @@ def _load_packed_model(path: str, config: MMDiTConfig, weight_dtype: str):
     # BaseModel would allocate a dense network; lens_core builds it on the meta device and fills it instead.
     model = _model_config(config, dtype, None, disable_unet_model_creation=True).get_model({})
     mmdit = load_mmdit(path, offload_device, dtype, operations=ComfyGGMLOps)
+    fp8_mm = fp8_matmul_requested()
+    if fp8_mm:
+        set_fp8_matmul(mmdit, True)
     model.diffusion_model = LensDiffusionModel.adopt(mmdit, dtype)
     patcher = LensModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.set_model_sampler_cfg_function(lens_cfg_function)
-    log.info("Lens MMDiT %s: %d layers, packed layers: %s, compute %s",
-             path, config.num_layers, _packed_formats(mmdit), dtype)
+    log.info("Lens MMDiT %s: %d layers, packed layers: %s, compute %s%s", path, config.num_layers,
+             _packed_formats(mmdit), dtype, ", fp8 matmul where supported" if fp8_mm else "")
     return patcher
 
 

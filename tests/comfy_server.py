@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,8 +79,10 @@ def free_port() -> int:
 class ComfyServer:
     """Start with ``start()``, stop with ``stop()`` (or use as a context manager)."""
 
-    def __init__(self, comfy_root: Path, base_dir: Path, python: str | None = None) -> None:
+    def __init__(self, comfy_root: Path, base_dir: Path, python: str | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
         self.comfy_root = Path(comfy_root)
+        self.extra_args = list(extra_args)  # more ComfyUI command-line flags, e.g. ["--fast", "fp8_matrix_mult"]
         self.base = Path(base_dir)
         self.python = python or comfyui_python(self.comfy_root)
         self.port = free_port()
@@ -105,7 +108,7 @@ class ComfyServer:
         cmd = [
             self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none",
-            "--database-url", "sqlite:///:memory:",
+            "--database-url", "sqlite:///:memory:", *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "wb") as log:

@@ -177,6 +177,30 @@ def test_cli_runs_a_gguf_mmdit(tmp_path, tiny_pipeline, qtype):
         assert np.abs(a - b).mean() < 8  # 8-bit weights: close to the safetensors image
 
 
+def test_cli_fp8_matmul_switch(tmp_path, tiny_pipeline, monkeypatch):
+    """`--fp8-matmul` on a scaled-fp8 MMDiT: every fp8 matrix multiplies through torch._scaled_mm (the CPU
+    declared fp8-capable, as CUDA sm>=8.9 is), the image stays close to the decoding path's, and the
+    PNG records it. Without the flag no fp8 matmul runs."""
+    from quant import fp_formats
+    from quant.comfy_quant import convert_mmdit_comfy
+
+    fp8 = tmp_path / "lens-fp8_scaled.safetensors"
+    convert_mmdit_comfy(tiny_pipeline / "transformer", fp8, "fp8_scaled")
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(fp_formats, "fp8_matmul_supported", lambda device: True)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = ["--prompt", "a red circle", "--text-encoder", tiny_pipeline, "--vae", tiny_pipeline,
+              "--transformer", fp8, "--width", 32, "--height", 32, "--steps", 2, "--seed", 9]
+    assert _run([*common, "--output", tmp_path / "decode.png"]) == 0
+    assert calls == [] and "fp8_matmul" not in read_settings(tmp_path / "decode.png")
+    assert _run([*common, "--fp8-matmul", "--output", tmp_path / "mm.png"]) == 0
+    assert calls and read_settings(tmp_path / "mm.png")["fp8_matmul"] is True
+    a = np.asarray(Image.open(tmp_path / "decode.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "mm.png")).astype(int)
+    assert np.abs(a - b).mean() < 8  # activations rounded to fp8: close, not equal
+
+
 def test_model_declared_resolution_is_the_default_size(tmp_path, tiny_pipeline):
     """A pipeline folder's ``default_resolution`` (Lens-Toy: 128) is the size when none is asked for;
     without it the default is Lens's 1024 buckets; a bad value names the file."""

@@ -877,6 +877,26 @@ def test_fp8_and_comfy_quant_mmdit_same_pixels_as_lens_core(server, tiny_models,
     assert f"packed layers: {len(source.packed_names)} {PACKED_FORMAT[qtype]}, compute" in loader_log_line(server, name)
 
 
+def test_fast_fp8_matrix_mult_switches_packed_fp8_layers_to_fp8_matmul(server, tmp_path):
+    """ComfyUI started with ``--fast fp8_matrix_mult`` (its fp8-matmul switch): the Lens Model Loader turns
+    fp8 matmuls on for a scaled-fp8 MMDiT and says so. This CPU server has no fp8 kernel, so the layers
+    keep decoding and the image is the one the server without the flag makes."""
+    name = COMFY_QUANT_FILES["fp8_scaled"]
+    prompt = _small_prompt(LensModelLoader={"unet_name": name})
+    plain = pixels(server.images(run_ok(server, prompt))[0])
+    assert "fp8 matmul" not in loader_log_line(server, name)
+    fast = ComfyServer(server.comfy_root, tmp_path / "base", server.python, ["--fast", "fp8_matrix_mult"])
+    for item in (server.models / "diffusion_models").iterdir():
+        (fast.models / "diffusion_models" / item.name).symlink_to(item.resolve())
+    for sub in ("text_encoders", "vae"):
+        for item in (server.models / sub).iterdir():
+            (fast.models / sub / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+    with fast:
+        got = pixels(fast.images(run_ok(fast, prompt))[0])
+        assert "fp8 matmul where supported" in loader_log_line(fast, name)
+    np.testing.assert_array_equal(got, plain)
+
+
 def test_plain_float_mmdit_keeps_comfyuis_own_loading(server):
     """A plain float safetensors MMDiT still takes ComfyUI's native loading (comfy.ops layers, its weight
     dtype), not the packed path."""
