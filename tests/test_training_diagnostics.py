@@ -65,7 +65,7 @@ def test_same_caption_everywhere_means_no_text_gain(tiny_pipeline):
     assert rows[0]["other"] == pytest.approx(rows[0]["cond"], rel=1e-6)
 
 
-def test_diagnose_reports_a_pipeline_on_an_image_folder(tiny_pipeline, tmp_path, capsys):
+def test_diagnose_reports_a_pipeline_on_an_image_folder(tiny_pipeline, tmp_path):
     data = write_tiny_folder(tmp_path / "data", n=5, sizes=[(40, 36)])
     rows = diagnose(tiny_pipeline, data, width=32, height=32, limit=4, levels=(0.5, 1.0), steps=10, device="cpu")
     assert len(rows) == 2 and all(r["cond"] > 0 and r["none"] > 0 for r in rows)

@@ -87,9 +87,11 @@ def loss_profile(
     dtype = next(transformer.parameters()).dtype
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     target = noise - x0.float()
-    order = torch.roll(torch.arange(x0.shape[0]), 1)
+    feats = [f.to(device=device, dtype=dtype) for f in feats]
+    mask = mask.to(device)
+    order = torch.roll(torch.arange(x0.shape[0], device=device), 1)
     texts = {
-        "cond": (list(feats), mask),
+        "cond": (feats, mask),
         "other": ([f[order] for f in feats], mask[order]),
         "none": empty_features(feats, mask),
     }
@@ -99,8 +101,7 @@ def loss_profile(
         x_t = add_noise(x0.float(), noise, s).to(dtype)
         row = {"sigma": float(sigma)}
         for name, (f, m) in texts.items():
-            f = [t.to(device=device, dtype=dtype) for t in f]
-            row[name] = float(flow_matching_loss(transformer(x_t, s, f, m.to(device), grid_hw), target))
+            row[name] = float(flow_matching_loss(transformer(x_t, s, f, m, grid_hw), target))
         rows.append(row)
     return rows
 
