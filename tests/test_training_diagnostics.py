@@ -85,3 +85,17 @@ def test_cli_prints_the_table_and_writes_json(tiny_pipeline, tmp_path, capsys):
     assert printed[0].startswith("sigma") and len(printed) == 3
     rows = json.loads(out.read_text())
     assert [r["sigma"] for r in rows] == [0.3, 1.0] and rows[1]["train"] > 0.1  # mu 2 trains near sigma 1
+
+
+def test_cli_shift_sampler_reports_the_training_share_of_a_sampler_shift_run(tiny_pipeline, tmp_path, capsys):
+    data = write_tiny_folder(tmp_path / "data", n=3, sizes=[(32, 32)])
+    reports = {}
+    for shift in ("interpolate", "sampler"):
+        out = tmp_path / f"{shift}.json"
+        main(["--model", str(tiny_pipeline), "--data", str(data), "--width", "32", "--height", "32",
+              "--levels", "0.3", "1.0", "--shift", shift, "--steps", "20", "--json", str(out), "--device", "cpu"])
+        reports[shift] = json.loads(out.read_text())
+    capsys.readouterr()
+    want, _ = timestep_coverage([0.3, 1.0], 4, TimestepConfig(shift="sampler", sampler_steps=20), 20)
+    assert [r["train"] for r in reports["sampler"]] == pytest.approx(want)
+    assert reports["sampler"][1]["train"] > reports["interpolate"][1]["train"]

@@ -164,12 +164,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=64, help="use the first this-many pairs")
     p.add_argument("--levels", type=float, nargs="+", default=list(DEFAULT_LEVELS))
     p.add_argument("--steps", type=int, default=20, help="sampler steps for the 'steps' column")
-    p.add_argument("--mu", type=float, default=None, help="training shift to compare with (fixed mu); "
-                   "default: the paper's token-count interpolation")
+    p.add_argument("--shift", choices=["interpolate", "sampler"], default="interpolate",
+                   help="training shift to compare with: the paper's token-count interpolation, or the "
+                   "sampler's mu at --steps (a run with [timesteps] shift = \"sampler\")")
+    p.add_argument("--mu", type=float, default=None, help="compare with a fixed training mu instead of --shift")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    timesteps = TimestepConfig(shift="fixed", mu=args.mu) if args.mu is not None else TimestepConfig()
+    if args.mu is not None:
+        timesteps = TimestepConfig(shift="fixed", mu=args.mu)
+    else:
+        timesteps = TimestepConfig(shift=args.shift, sampler_steps=args.steps)
     rows = diagnose(args.model, args.data, args.width, args.height, args.limit, args.levels, args.steps,
                     timesteps, args.device)
     print(format_report(rows))
