@@ -108,9 +108,8 @@ def fast_cpu_bf16() -> bool:
 def train_config(pipeline: Path, data: Path, out: Path, steps: int, batch: int, lr: float, decay: int,
                  fast: bool = True, shift: str = "interpolate") -> dict:
     """The MMDiT run. ``fast``: bf16 autocast (where :func:`fast_cpu_bf16`) and ``torch.compile``.
-    ``shift``: the paper's interpolation (mu 0.47 at Lens-Toy's 64 tokens; the shipped model), or
-    "sampler", the inference schedule's mu (1.83), which a 96-scene memorisation probe learns
-    markedly faster with but a 12000-step run on the full data did not turn into a better ToyEval."""
+    ``shift``: the paper's interpolation (mu 0.47 at Lens-Toy's 64 tokens; made the shipped model)
+    or "sampler", the inference schedule's mu (1.83); the README's Lens-Toy section compares them."""
     return {
         "model": {"path": str(pipeline)},
         "data": {"kind": "folder", "path": str(data), "num_workers": 0},
